@@ -1,0 +1,3 @@
+from conditioner.cli import main
+
+raise SystemExit(main())

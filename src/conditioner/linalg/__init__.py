@@ -1,0 +1,35 @@
+"""The eigenbasis engine: batched routines on stacks ``(B, d, d)`` of equal-shape matrices."""
+
+from conditioner.linalg.eigh import Eigh, safe_eigh
+from conditioner.linalg.orthogonal import CUBIC_COEFFICIENTS, MUON_COEFFICIENTS, bjorck_rectify, newton_schulz
+from conditioner.linalg.refresh import (
+    QRRefresh,
+    Staleness,
+    dense_staleness,
+    descending_order,
+    orthogonal_iteration_step,
+    permute_columns,
+    qr_refresh,
+    staleness,
+)
+from conditioner.linalg.roots import inverse_root_eigh, inverse_root_from_eigh, inverse_root_newton
+
+__all__ = [
+    "CUBIC_COEFFICIENTS",
+    "MUON_COEFFICIENTS",
+    "Eigh",
+    "QRRefresh",
+    "Staleness",
+    "bjorck_rectify",
+    "dense_staleness",
+    "descending_order",
+    "inverse_root_eigh",
+    "inverse_root_from_eigh",
+    "inverse_root_newton",
+    "newton_schulz",
+    "orthogonal_iteration_step",
+    "permute_columns",
+    "qr_refresh",
+    "safe_eigh",
+    "staleness",
+]

@@ -1,0 +1,86 @@
+"""Inverse p-th roots ``(A + εI)^(-1/p)`` of stacks of symmetric positive semi-definite matrices.
+
+Two routes, as in Shampoo: through an eigendecomposition (exact, uses :func:`safe_eigh`), and the
+coupled Newton iteration of Guo & Higham (2006), which needs only matrix products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conditioner.linalg.eigh import safe_eigh
+
+
+def _check_root_arguments(a: torch.Tensor, p: float, epsilon: float) -> None:
+    if a.ndim != 3 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"a must be a stack of square matrices (B, d, d), got shape {tuple(a.shape)}")
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+
+
+def inverse_root_from_eigh(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
+    """``Q diag((λ⁺ + ε)^(-1/p)) Qᵀ`` from an eigendecomposition; negative λ (round-off) clamp to 0."""
+    scale = (eigenvalues.clamp_min(0.0) + epsilon).pow(-1.0 / p)
+    return (eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.mT
+
+
+def inverse_root_eigh(a: torch.Tensor, p: float, epsilon: float = 0.0) -> torch.Tensor:
+    """``(A + εI)^(-1/p)`` by eigendecomposition. With ε = 0 a singular A has no inverse root:
+    its zero eigenvalues map to inf, which the caller must avoid by choosing ε > 0."""
+    _check_root_arguments(a, p, epsilon)
+    vals, vecs, _ = safe_eigh(a)
+    return inverse_root_from_eigh(vals, vecs, p, epsilon).to(a.dtype)
+
+
+def _integer_power(x: torch.Tensor, n: int) -> torch.Tensor:
+    result = None
+    base = x
+    while n:
+        if n & 1:
+            result = base if result is None else result @ base
+        n >>= 1
+        if n:
+            base = base @ base
+    return result
+
+
+def inverse_root_newton(
+    a: torch.Tensor,
+    p: int,
+    epsilon: float = 0.0,
+    max_iterations: int = 100,
+    tolerance: float = 1e-6,
+) -> torch.Tensor:
+    """``(A + εI)^(-1/p)`` by the coupled Newton iteration, for an integer ``p ≥ 1``.
+
+    With ``c^p = (p+1)‖A‖_F / 2``: ``X₀ = I/c``, ``M₀ = A/c^p``, then ``T = ((p+1)I − M)/p``,
+    ``X ← X T``, ``M ← T^p M``. The invariant ``M = X^p A`` holds, and M → I. Each matrix stops
+    when ``max|M − I| < tolerance``; the iteration runs in float64 for matrices of float64 and in
+    float32 otherwise. The Frobenius norm bounds the spectral norm, so the eigenvalues of M₀ lie
+    in (0, 2/(p+1)], inside the region of convergence.
+    """
+    _check_root_arguments(a, p, epsilon)
+    if int(p) != p:
+        raise ValueError(f"p must be an integer for the Newton iteration, got {p}")
+    p = int(p)
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    work = a.to(dtype)
+    dim = work.shape[-1]
+    eye = torch.eye(dim, dtype=dtype, device=a.device).expand_as(work)
+    work = 0.5 * (work + work.mT) + epsilon * eye
+    norm = torch.linalg.matrix_norm(work).clamp_min(torch.finfo(dtype).tiny)[:, None, None]
+    c_pow = (p + 1) * norm / 2
+    x = eye / c_pow.pow(1.0 / p)
+    m = work / c_pow
+    for _ in range(max_iterations):
+        error = (m - eye).abs().flatten(-2).amax(-1)
+        active = error >= tolerance
+        if not bool(active.any()):
+            break
+        t = ((p + 1) * eye - m) / p
+        mask = active[:, None, None]
+        x = torch.where(mask, x @ t, x)
+        m = torch.where(mask, _integer_power(t, p) @ m, m)
+    return x.to(a.dtype)
