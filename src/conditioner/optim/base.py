@@ -1,0 +1,244 @@
+"""The machinery every Kronecker optimizer shares: stacks, atomic steps, state handling.
+
+A step has two phases. First every stack of every group computes its new state and its update
+WITHOUT touching the existing state or the parameters (the kernels are written out-of-place).
+Then, after one check that every gradient and update is finite, the new state replaces the old
+and the updates are applied with foreach calls. An exception anywhere in the first phase, or a
+non-finite gradient under the default policy, therefore leaves parameters and state exactly as
+they were.
+
+State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``self.state``:
+tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
+count of steps taken. ``torch.optim.Optimizer.state_dict`` keeps such keys as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from conditioner.blocks import BlockPolicy, Stack, build_stacks
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient (or the update it produced) held NaN or Inf; nothing was changed."""
+
+
+@dataclass
+class _Pending:
+    key: str
+    stack: Stack
+    group: dict[str, Any]
+    members: list[int]
+    state: dict[str, Any]
+    update: torch.Tensor | None
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval."""
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or below or above or value != value:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_betas(betas: Any) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_range("betas[1]", betas[1], 0.0, 1.0)
+
+
+def statistics_dtype(params: Iterable[torch.Tensor], requested: torch.dtype | None) -> torch.dtype:
+    """float32 for float32/bfloat16/float16 parameters, float64 when any parameter is float64."""
+    if requested is not None:
+        return requested
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+class StackedOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses give the block policy of a group and a functional per-stack kernel."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "raise") -> None:
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.nonfinite = nonfinite
+        self._layouts: dict[int, list[Stack]] = {}
+        super().__init__(params, defaults)
+
+    def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
+        raise NotImplementedError
+
+    def stack_step(
+        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Return the stack's new state and its update (to be subtracted), or None for no update.
+
+        ``state`` holds this cohort's tensors (absent on a block's first step, ``step == 0``);
+        ``grad`` is ``(B, *stack.shape)`` in the statistics dtype. Must not modify its inputs.
+        """
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._layouts = {}
+
+    def layout(self, group_index: int) -> list[Stack]:
+        """The stacks of param group ``group_index`` (computed once, then cached)."""
+        if group_index not in self._layouts:
+            group = self.param_groups[group_index]
+            self._layouts[group_index] = build_stacks([p.shape for p in group["params"]], self.block_policy(group))
+        return self._layouts[group_index]
+
+    def stack_key(self, group_index: int, stack: Stack) -> str:
+        return f"group{group_index}/{stack.key}"
+
+    def _cohorts(self, key: str, stack: Stack, has_grad: list[bool]) -> list[list[int]]:
+        """Members with a gradient, grouped by their step count (usually one cohort: all)."""
+        steps = self.state[key].get("step", [0] * len(stack.blocks))
+        by_step: dict[int, list[int]] = {}
+        for m, block in enumerate(stack.blocks):
+            if has_grad[block.param_index]:
+                by_step.setdefault(steps[m], []).append(m)
+        return list(by_step.values())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending: list[_Pending] = []
+        finite_flags: list[torch.Tensor] = []
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            for p in params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            has_grad = [p.grad is not None for p in params]
+            if not any(has_grad):
+                continue
+            dtype = statistics_dtype(params, group.get("state_dtype"))
+            grads = [p.grad if p.grad is not None else p for p in params]
+            for stack in self.layout(group_index):
+                key = self.stack_key(group_index, stack)
+                stored = self.state[key]
+                for members in self._cohorts(key, stack, has_grad):
+                    grad = stack.gather(grads, members, dtype)
+                    finite_flags.append(torch.isfinite(grad).all())
+                    step = stored.get("step", [0] * len(stack.blocks))[members[0]]
+                    old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
+                    new_state, update = self.stack_step(group, stack, old, grad, step)
+                    if update is not None:
+                        finite_flags.append(torch.isfinite(update).all())
+                    pending.append(_Pending(key, stack, group, members, new_state, update))
+        if not pending:
+            return loss
+        if not bool(torch.stack(finite_flags).all()):
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"{type(self).__name__}: a gradient or its update holds NaN or Inf; parameters and "
+                    "optimizer state were left unchanged (pass nonfinite='skip' to skip such steps)"
+                )
+            logger.warning("%s: skipped a step with a non-finite gradient or update", type(self).__name__)
+            return loss
+        self._commit(pending)
+        return loss
+
+    @staticmethod
+    def _select(stored: dict[str, Any], members: list[int], size: int) -> dict[str, torch.Tensor]:
+        if len(members) == size:
+            return {k: v for k, v in stored.items() if k != "step"}
+        index = torch.tensor(members)
+        return {k: v.index_select(0, index.to(v.device)) for k, v in stored.items() if k != "step"}
+
+    def _commit(self, pending: list[_Pending]) -> None:
+        decayed: dict[int, tuple[torch.Tensor, float]] = {}
+        targets: list[torch.Tensor] = []
+        updates: list[torch.Tensor] = []
+        for item in pending:
+            stored = self.state[item.key]
+            size = len(item.stack.blocks)
+            steps = stored.get("step", [0] * size)
+            if len(item.members) == size:
+                stored.update(item.state)
+            else:
+                index = torch.tensor(item.members)
+                for k, v in item.state.items():
+                    full = stored.get(k)
+                    if full is None:
+                        full = v.new_zeros((size,) + tuple(v.shape[1:]))
+                    stored[k] = full.index_copy(0, index.to(v.device), v)
+            stored["step"] = [s + 1 if m in item.members else s for m, s in enumerate(steps)]
+            if item.update is None:
+                continue
+            params = item.group["params"]
+            views = item.stack.views(params, item.members)
+            targets.extend(views)
+            updates.extend(u.to(v.dtype) for u, v in zip(item.update.unbind(0), views))
+            factor = 1.0 - item.group["lr"] * item.group["weight_decay"]
+            for m in item.members:
+                p = params[item.stack.blocks[m].param_index]
+                decayed[id(p)] = (p, factor)
+        if targets:
+            torch._foreach_sub_(targets, updates)
+        by_factor: dict[float, list[torch.Tensor]] = {}
+        for p, factor in decayed.values():
+            if factor != 1.0:
+                by_factor.setdefault(factor, []).append(p)
+        for factor, params in by_factor.items():
+            torch._foreach_mul_(params, factor)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; stack state is copied onto the parameters'
+        device and checked against this optimizer's blocks."""
+        super().load_state_dict(state_dict)
+        self._layouts = {}
+        for group_index, group in enumerate(self.param_groups):
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            stacks = {self.stack_key(group_index, s): s for s in self.layout(group_index)}
+            for key in [k for k in self.state if isinstance(k, str) and k.startswith(f"group{group_index}/")]:
+                if key not in stacks:
+                    raise ValueError(f"loaded state has block stack {key!r}, which these parameters do not have")
+                size = len(stacks[key].blocks)
+                loaded = self.state[key]
+                if len(loaded.get("step", [])) != size:
+                    raise ValueError(f"loaded state for {key!r} has {len(loaded.get('step', []))} blocks, expected {size}")
+                self.state[key] = {
+                    k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                    for k, v in loaded.items()
+                }
+
+    def refresh_counts(self) -> dict[str, torch.Tensor]:
+        """Basis (or inverse-root) refreshes so far per stack: ``(blocks, preconditioned dims)`` int64 counts."""
+        return {k: v["refreshes"].clone() for k, v in self.state.items() if isinstance(k, str) and "refreshes" in v}
+
+    def total_refreshes(self) -> int:
+        """Refreshes (one per factor recomputed) summed over all blocks."""
+        return int(sum(int(c.sum()) for c in self.refresh_counts().values()))
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer's state tensors."""
+        total = 0
+        for value in self.state.values():
+            for v in value.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        return total

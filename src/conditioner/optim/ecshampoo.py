@@ -1,0 +1,100 @@
+"""Eigenvalue-corrected Shampoo with per-factor adaptive eigenbasis refresh (ALGORITHMS.md §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from conditioner.optim.base import check_betas, check_choice, check_range
+from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, corrected_refresh
+
+REFRESH_POLICIES = ("fixed", "adaptive")
+REFRESH_METHODS = ("eigh", "qr")
+
+
+class EigenvalueCorrectedShampoo(EigenAdam):
+    """Shampoo's eigenbases with corrected eigenvalues ``D = EMA_β2((QᵀGQ)²)``; no grafting.
+
+    The bases start as the identity (so the first steps are exactly Adam) and are refreshed at
+    every ``precondition_frequency``-th step: with ``refresh="fixed"`` every factor is
+    recomputed; with ``refresh="adaptive"`` only factors whose staleness
+    ``ρ = ‖QᵀAQ − Diag‖/‖QᵀAQ‖`` exceeds ``tolerance`` are, so each factor finds its own
+    frequency. A refresh uses ``eigh`` or, with ``refresh_method="qr"``, warm-started QR
+    iterations (at most ``max_qr_iterations``; with the adaptive policy they stop once
+    ``ρ ≤ tolerance``). The corrected eigenvalues are rotated into each new basis
+    (``(R ⊙ R)ᵀ D`` with ``R = Q_oldᵀ Q_new``), the momentum (kept in the basis) is carried
+    exactly. Refresh counts per factor: :meth:`refresh_counts`, :meth:`total_refreshes`.
+
+    Blocking: dimensions above ``max_precond_dim`` are split into blocks (``split_large_dims``)
+    and small neighbouring dimensions merged (``merge_dims``) by default; 1-D parameters get Adam.
+    """
+
+    rules = EigenAdamRules(
+        initial_basis="identity",
+        skip_first_update=False,
+        second_moment_transport="rotate",
+        epsilon_outside_correction=False,
+    )
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        precondition_frequency: int = 10,
+        refresh: str = "fixed",
+        tolerance: float = 0.01,
+        refresh_method: str = "eigh",
+        max_qr_iterations: int = 1,
+        max_precond_dim: int = 1024,
+        merge_dims: bool = True,
+        split_large_dims: bool = True,
+        precondition_1d: bool = False,
+        one_sided_above: int | None = None,
+        correct_bias: bool = True,
+        state_dtype: torch.dtype | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        check_range("lr", lr, 0.0, float("inf"))
+        check_betas(betas)
+        if shampoo_beta is not None:
+            check_range("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
+        check_range("eps", eps, 0.0, float("inf"))
+        check_range("weight_decay", weight_decay, 0.0, float("inf"))
+        if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
+            raise ValueError(f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}")
+        check_choice("refresh", refresh, REFRESH_POLICIES)
+        check_range("tolerance", tolerance, 0.0, 1.0)
+        check_choice("refresh_method", refresh_method, REFRESH_METHODS)
+        if not isinstance(max_qr_iterations, int) or max_qr_iterations < 1:
+            raise ValueError(f"max_qr_iterations must be an integer >= 1, got {max_qr_iterations!r}")
+        if not isinstance(max_precond_dim, int) or max_precond_dim < 0:
+            raise ValueError(f"max_precond_dim must be an integer >= 0, got {max_precond_dim!r}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            refresh=refresh,
+            tolerance=tolerance,
+            refresh_method=refresh_method,
+            max_qr_iterations=max_qr_iterations,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            split_large_dims=split_large_dims,
+            precondition_1d=precondition_1d,
+            one_sided_above=one_sided_above,
+            correct_bias=correct_bias,
+            state_dtype=state_dtype,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def new_bases(self, group, factors, bases):
+        tolerance = group["tolerance"] if group["refresh"] == "adaptive" else None
+        return corrected_refresh(factors, bases, group["refresh_method"], tolerance, group["max_qr_iterations"])

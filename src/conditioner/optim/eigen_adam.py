@@ -1,0 +1,219 @@
+"""Adam in a Kronecker eigenbasis: the common core of SOAP and eigenvalue-corrected Shampoo.
+
+Per stack of blocks, with factors ``F_i`` (EMAs of ``G_(i) G_(i)ᵀ``) and bases ``Q_i``:
+project ``Ĝ = G ×_i Q_iᵀ``, keep Adam's moments ``m``, ``v`` of ``Ĝ`` in the basis, project the
+Adam direction back, then fold ``G`` into the factors and, when the refresh policy says so, move
+the bases. The first moment in the basis is carried to a new basis exactly (back and forward);
+the second moment either follows the sort permutation only (the SOAP reference) or is rotated
+with ``(R ⊙ R)ᵀ`` (eigenvalue-corrected Shampoo). Blocks without a preconditioned dimension get
+plain Adam. SOAP and EigenvalueCorrectedShampoo differ only in the choices gathered in
+:class:`EigenAdamRules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from conditioner.blocks import BlockPolicy, Stack
+from conditioner.linalg import descending_order, orthogonal_iteration_step, qr_refresh, safe_eigh, staleness
+from conditioner.optim.base import StackedOptimizer
+from conditioner.optim.kronecker import factor_ema, project, project_back, transport_diagonal
+
+
+@dataclass(frozen=True)
+class EigenAdamRules:
+    """What distinguishes the members of the family.
+
+    - ``initial_basis``: ``"eigh"`` of the first factors (SOAP) or ``"identity"`` (ECS).
+    - ``skip_first_update``: the first step only initialises (SOAP reference).
+    - ``second_moment_transport``: ``"permute"`` (SOAP: follow the sort only) or ``"rotate"``.
+    - ``epsilon_outside_correction``: ε added to ``sqrt(v)`` before bias correction (SOAP
+      reference: step ``lr·sqrt(1−β2ᵗ)/(1−β1ᵗ)``) rather than to ``sqrt(v/(1−β2ᵗ))`` (Adam).
+    """
+
+    initial_basis: str
+    skip_first_update: bool
+    second_moment_transport: str
+    epsilon_outside_correction: bool
+
+
+def _factor_key(dim: int) -> str:
+    return f"factor{dim}"
+
+
+def _basis_key(dim: int) -> str:
+    return f"basis{dim}"
+
+
+class EigenAdam(StackedOptimizer):
+    """Base of SOAP and EigenvalueCorrectedShampoo; use those classes."""
+
+    rules: EigenAdamRules
+
+    def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
+        return BlockPolicy(
+            max_preconditioner_dim=group["max_precond_dim"],
+            split_large_dims=group["split_large_dims"],
+            merge_small_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            one_sided_above=group["one_sided_above"],
+        )
+
+    def _factor_beta(self, group: dict[str, Any]) -> float:
+        beta = group["shampoo_beta"]
+        return group["betas"][1] if beta is None or beta < 0 else beta
+
+    def _initial_state(self, group: dict[str, Any], stack: Stack, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        dims = stack.preconditioned_dims
+        beta = self._factor_beta(group)
+        state: dict[str, torch.Tensor] = {
+            "exp_avg": torch.zeros_like(grad),
+            "exp_avg_sq": torch.zeros_like(grad),
+            "refreshes": torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device),
+        }
+        for dim in dims:
+            d = stack.shape[dim]
+            zeros = grad.new_zeros(grad.shape[0], d, d)
+            factor = factor_ema(zeros, grad, dim, beta)
+            state[_factor_key(dim)] = factor
+            if self.rules.initial_basis == "eigh":
+                basis = safe_eigh(factor).eigenvectors.to(grad.dtype)
+            else:
+                basis = torch.eye(d, dtype=grad.dtype, device=grad.device).expand_as(zeros).clone()
+            state[_basis_key(dim)] = basis
+        return state
+
+    def stack_step(
+        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        dims = stack.preconditioned_dims
+        fold_gradient = True
+        if step == 0:
+            state = self._initial_state(group, stack, grad)
+            if self.rules.skip_first_update:
+                return state, None
+            fold_gradient = False
+        t = step if self.rules.skip_first_update else step + 1
+        beta1, beta2 = group["betas"]
+        bases = {d: state[_basis_key(d)] for d in dims}
+
+        projected = project(grad, bases)
+        exp_avg = torch.lerp(state["exp_avg"], projected, 1.0 - beta1)
+        exp_avg_sq = torch.addcmul(state["exp_avg_sq"].mul(beta2), projected, projected, value=1.0 - beta2)
+        correction1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
+        correction2 = 1.0 - beta2**t if group["correct_bias"] else 1.0
+        if self.rules.epsilon_outside_correction:
+            direction = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+            step_size = group["lr"] * correction2**0.5 / correction1
+        else:
+            direction = exp_avg / ((exp_avg_sq / correction2).sqrt() + group["eps"])
+            step_size = group["lr"] / correction1
+        update = project_back(direction, bases) * step_size
+
+        new_state = dict(state)
+        new_state["exp_avg"] = exp_avg
+        new_state["exp_avg_sq"] = exp_avg_sq
+        if fold_gradient:
+            beta = self._factor_beta(group)
+            for d in dims:
+                new_state[_factor_key(d)] = factor_ema(state[_factor_key(d)], grad, d, beta)
+        if dims and self.due_for_refresh(group, t):
+            self._refresh(group, dims, new_state)
+        return new_state, update
+
+    def due_for_refresh(self, group: dict[str, Any], t: int) -> bool:
+        return t % group["precondition_frequency"] == 0
+
+    def new_bases(
+        self, group: dict[str, Any], factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Refreshed bases for the dims that change, the per-block mask of what changed (int64),
+        and for the "permute" transport the sort order used per dim."""
+        raise NotImplementedError
+
+    def _refresh(self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor]) -> None:
+        factors = {d: state[_factor_key(d)] for d in dims}
+        old = {d: state[_basis_key(d)] for d in dims}
+        changed_bases, changed_mask, orders = self.new_bases(group, factors, old)
+        if not changed_bases:
+            return
+        old_changed = {d: old[d] for d in changed_bases}
+        exp_avg = project(project_back(state["exp_avg"], old_changed), changed_bases)
+        exp_avg_sq = state["exp_avg_sq"]
+        if self.rules.second_moment_transport == "permute":
+            for d, order in orders.items():
+                exp_avg_sq = _permute_along(exp_avg_sq, order, d)
+        else:
+            exp_avg_sq = transport_diagonal(exp_avg_sq, old_changed, changed_bases)
+        state["exp_avg"] = exp_avg
+        state["exp_avg_sq"] = exp_avg_sq
+        refreshes = state["refreshes"].clone()
+        for position, d in enumerate(dims):
+            if d in changed_bases:
+                state[_basis_key(d)] = changed_bases[d]
+                refreshes[:, position] += changed_mask[d]
+        state["refreshes"] = refreshes
+
+
+def _permute_along(x: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reorder block dimension ``dim`` of ``x`` (``(B, ...)``) by the per-block ``order`` ``(B, d)``."""
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape[dim + 1] = x.shape[dim + 1]
+    index = order.reshape(shape).expand_as(x)
+    return torch.gather(x, dim + 1, index)
+
+
+def soap_refresh(
+    factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """The SOAP reference refresh: sort columns by ``diag(QᵀFQ)`` descending, one ``qr(F Q)``."""
+    new, orders, changed = {}, {}, {}
+    for d, factor in factors.items():
+        current = staleness(factor, bases[d])
+        order = descending_order(current.estimated_eigenvalues)
+        new[d] = orthogonal_iteration_step(current.aq, order)
+        orders[d] = order
+        changed[d] = torch.ones(factor.shape[0], dtype=torch.int64, device=factor.device)
+    return new, changed, orders
+
+
+def corrected_refresh(
+    factors: dict[int, torch.Tensor],
+    bases: dict[int, torch.Tensor],
+    method: str,
+    tolerance: float | None,
+    max_qr_iterations: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Refresh by ``eigh`` or warm-started QR; with a ``tolerance`` only the stale factors.
+
+    The staleness ρ of every factor comes from one product and no host synchronisation; one
+    synchronisation then picks the stale blocks so that only they pay for a decomposition.
+    """
+    new, changed = {}, {}
+    for d, factor in factors.items():
+        basis = bases[d]
+        if tolerance is None:
+            stale = torch.ones(factor.shape[0], dtype=torch.bool, device=factor.device)
+            current = None
+        else:
+            current = staleness(factor, basis)
+            stale = current.rho > tolerance
+        index = stale.nonzero().flatten()
+        if index.numel() == 0:
+            continue
+        sub_factor = factor.index_select(0, index)
+        sub_basis = basis.index_select(0, index)
+        if method == "eigh":
+            refreshed = safe_eigh(sub_factor, previous=sub_basis).eigenvectors.to(basis.dtype)
+        else:
+            initial = None if current is None else type(current)(*(x.index_select(0, index) for x in current))
+            refreshed = qr_refresh(sub_factor, sub_basis, tolerance or 0.0, max_qr_iterations, initial).basis
+        new[d] = basis.index_copy(0, index, refreshed)
+        changed[d] = stale.to(torch.int64)
+    return new, changed, {}
+
+
+__all__ = ["EigenAdam", "EigenAdamRules", "corrected_refresh", "soap_refresh"]

@@ -1,0 +1,203 @@
+"""Shampoo with learning-rate grafting (Gupta et al. 2018; Anil et al. 2020; Shi et al. 2023).
+
+Per block: factors ``F_i ← EMA_β2(G_(i) G_(i)ᵀ)`` (β2 = 1: running sums), inverse roots
+``P_i = (F̂_i + εI)^(-1/p)`` recomputed every ``precondition_frequency`` steps (``F̂`` bias
+corrected when β2 < 1; ``p = 2k`` for k preconditioned dimensions unless overridden), direction
+``U = M ×_i P_i`` for the momentum M of G, and per block the step size of the grafted diagonal
+method: ``U ← U · ‖U_graft‖ / ‖U‖`` (ALGORITHMS.md §1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from conditioner.blocks import BlockPolicy, Stack
+from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
+from conditioner.optim.base import StackedOptimizer, check_betas, check_choice, check_range
+from conditioner.optim.kronecker import apply_along, block_norms, factor_ema
+
+GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
+ROOT_METHODS = ("eigh", "newton")
+
+
+def _root_key(dim: int) -> str:
+    return f"root{dim}"
+
+
+def _factor_key(dim: int) -> str:
+    return f"factor{dim}"
+
+
+class Shampoo(StackedOptimizer):
+    """Shampoo with grafting, on stacked blocks.
+
+    - ``betas = (β1, β2)``: β1 the EMA of the gradient used as momentum (bias corrected; 0 turns
+      it off), β2 the factor EMA (1.0 for AdaGrad-style sums).
+    - ``grafting``: ``"adam"`` (second moment EMA ``grafting_beta2``, bias corrected),
+      ``"rmsprop"`` (same EMA, no correction), ``"adagrad"`` (sum of squares), ``"sgd"`` (unit
+      scaling) or ``"none"`` (raw Shampoo step). Before ``start_preconditioning_step`` (default:
+      ``precondition_frequency``) the grafted method alone is applied, and blocks without a
+      preconditioned dimension always use it.
+    - ``root_method``: ``"eigh"`` or ``"newton"`` (coupled Newton iteration);
+      ``exponent_override``: use ``p`` instead of ``2k`` in ``F^(-1/p)``.
+    - ``nesterov``: use the look-ahead ``lerp(m, G, 1 − β1)`` instead of ``m``.
+    - Blocking as in Distributed Shampoo: dimensions above ``max_preconditioner_dim`` split
+      (``split_large_dims``), small neighbours merged; 1-D parameters on the grafted method.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        epsilon: float = 1e-12,
+        weight_decay: float = 0.0,
+        precondition_frequency: int = 20,
+        start_preconditioning_step: int | None = None,
+        max_preconditioner_dim: int = 1024,
+        grafting: str = "adam",
+        grafting_beta2: float = 0.999,
+        grafting_epsilon: float = 1e-8,
+        root_method: str = "eigh",
+        exponent_override: float | None = None,
+        nesterov: bool = False,
+        merge_dims: bool = True,
+        split_large_dims: bool = True,
+        precondition_1d: bool = False,
+        one_sided_above: int | None = None,
+        state_dtype: torch.dtype | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        check_range("lr", lr, 0.0, float("inf"))
+        check_betas(betas)
+        check_range("epsilon", epsilon, 0.0, float("inf"))
+        check_range("weight_decay", weight_decay, 0.0, float("inf"))
+        if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
+            raise ValueError(f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}")
+        if start_preconditioning_step is None:
+            start_preconditioning_step = precondition_frequency
+        if not isinstance(start_preconditioning_step, int) or start_preconditioning_step < 1:
+            raise ValueError(
+                f"start_preconditioning_step must be None or an integer >= 1, got {start_preconditioning_step!r}"
+            )
+        if not isinstance(max_preconditioner_dim, int) or max_preconditioner_dim < 0:
+            raise ValueError(f"max_preconditioner_dim must be an integer >= 0, got {max_preconditioner_dim!r}")
+        check_choice("grafting", grafting, GRAFTING_TYPES)
+        check_range("grafting_beta2", grafting_beta2, 0.0, 1.0)
+        check_range("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))
+        check_choice("root_method", root_method, ROOT_METHODS)
+        if exponent_override is not None:
+            check_range("exponent_override", exponent_override, 0.0, float("inf"), low_open=True)
+            if root_method == "newton" and int(exponent_override) != exponent_override:
+                raise ValueError(f"exponent_override must be an integer with root_method='newton', got {exponent_override!r}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            max_preconditioner_dim=max_preconditioner_dim,
+            grafting=grafting,
+            grafting_beta2=grafting_beta2,
+            grafting_epsilon=grafting_epsilon,
+            root_method=root_method,
+            exponent_override=exponent_override,
+            nesterov=nesterov,
+            merge_dims=merge_dims,
+            split_large_dims=split_large_dims,
+            precondition_1d=precondition_1d,
+            one_sided_above=one_sided_above,
+            state_dtype=state_dtype,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
+        return BlockPolicy(
+            max_preconditioner_dim=group["max_preconditioner_dim"],
+            split_large_dims=group["split_large_dims"],
+            merge_small_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            one_sided_above=group["one_sided_above"],
+        )
+
+    def _initial_state(self, group: dict[str, Any], stack: Stack, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        dims = stack.preconditioned_dims
+        state = {"refreshes": torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device)}
+        if group["betas"][0] > 0:
+            state["exp_avg"] = torch.zeros_like(grad)
+        if group["grafting"] in ("adam", "rmsprop", "adagrad"):
+            state["graft_sq"] = torch.zeros_like(grad)
+        for dim in dims:
+            d = stack.shape[dim]
+            state[_factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
+            state[_root_key(dim)] = torch.eye(d, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], d, d).clone()
+        return state
+
+    def _graft_direction(
+        self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor, momentum: torch.Tensor, t: int
+    ) -> torch.Tensor:
+        kind = group["grafting"]
+        if kind in ("sgd", "none"):
+            return momentum
+        if kind == "adagrad":
+            graft_sq = state["graft_sq"] + grad * grad
+            denom = graft_sq.sqrt()
+        else:
+            beta = group["grafting_beta2"]
+            graft_sq = torch.addcmul(state["graft_sq"].mul(beta), grad, grad, value=1.0 - beta)
+            denom = (graft_sq / (1.0 - beta**t)).sqrt() if kind == "adam" else graft_sq.sqrt()
+        state["graft_sq"] = graft_sq
+        return momentum / (denom + group["grafting_epsilon"])
+
+    def _inverse_roots(
+        self, group: dict[str, Any], state: dict[str, torch.Tensor], dims: list[int], t: int
+    ) -> None:
+        beta2 = group["betas"][1]
+        correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**t
+        p = group["exponent_override"] or 2 * len(dims)
+        refreshes = state["refreshes"].clone()
+        for position, d in enumerate(dims):
+            factor = state[_factor_key(d)] / correction
+            if group["root_method"] == "newton":
+                root = inverse_root_newton(factor, int(p), group["epsilon"])
+                ok = torch.isfinite(root).flatten(1).all(1)
+            else:
+                eig = safe_eigh(factor)
+                root = inverse_root_from_eigh(eig.eigenvalues, eig.eigenvectors, p, group["epsilon"]).to(factor.dtype)
+                ok = ~eig.failed & torch.isfinite(root).flatten(1).all(1)
+            state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
+            refreshes[:, position] += ok.to(refreshes.dtype)
+        state["refreshes"] = refreshes
+
+    def stack_step(
+        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        dims = stack.preconditioned_dims
+        state = dict(self._initial_state(group, stack, grad) if step == 0 else state)
+        t = step + 1
+        beta1, beta2 = group["betas"]
+        for d in dims:
+            state[_factor_key(d)] = factor_ema(state[_factor_key(d)], grad, d, beta2)
+        momentum = grad
+        if beta1 > 0:
+            state["exp_avg"] = torch.lerp(state["exp_avg"], grad, 1.0 - beta1)
+            if group["nesterov"]:
+                momentum = torch.lerp(state["exp_avg"], grad, 1.0 - beta1) / (1.0 - beta1 ** (t + 1))
+            else:
+                momentum = state["exp_avg"] / (1.0 - beta1**t)
+        graft = self._graft_direction(group, state, grad, momentum, t)
+        start = group["start_preconditioning_step"]
+        if not dims or t < start:
+            return state, graft * group["lr"]
+        if (t - start) % group["precondition_frequency"] == 0:
+            self._inverse_roots(group, state, dims, t)
+        direction = momentum
+        for d in dims:
+            direction = apply_along(direction, state[_root_key(d)], d)
+        if group["grafting"] != "none":
+            norm = block_norms(direction)
+            direction = direction * torch.where(norm > 0, block_norms(graft) / norm.clamp_min(1e-30), 0.0)
+        return state, direction * group["lr"]
