@@ -27,8 +27,9 @@ class BlockPolicy:
     - ``max_preconditioner_dim``: the largest dimension a factor may have.
     - ``split_large_dims``: split larger dimensions into chunks (Shampoo) instead of leaving them
       unpreconditioned (the SOAP reference).
-    - ``merge_small_dims``: merge neighbouring dimensions while their product stays within
-      ``max_preconditioner_dim`` (a conv kernel ``[out, in, kh, kw]`` becomes ``[out, in·kh·kw]``).
+    - ``merge_small_dims``: keep the leading dimension and merge the following neighbours while
+      their product stays within ``max_preconditioner_dim`` (a conv kernel ``[out, in, kh, kw]``
+      becomes ``[out, in·kh·kw]``).
     - ``precondition_1d``: give 1-D parameters a factor too (off: they use the diagonal method).
     - ``one_sided_above``: dimensions larger than this are never preconditioned nor split, the
       other side still is: one-sided preconditioning for lopsided matrices such as embeddings.
@@ -66,8 +67,13 @@ def _squeeze(shape: Sequence[int]) -> list[int]:
 
 
 def _merge(dims: list[int], limit: int) -> list[int]:
-    merged = [dims[0]]
-    for d in dims[1:]:
+    """Keep the leading (output) dimension, merge the following ones greedily while their product
+    stays within ``limit``: ``[out, in, kh, kw]`` becomes ``[out, in·kh·kw]``, and a matrix never
+    collapses into a vector."""
+    if len(dims) < 3:
+        return dims
+    merged = [dims[0], dims[1]]
+    for d in dims[2:]:
         if merged[-1] * d <= limit:
             merged[-1] *= d
         else:

@@ -5,7 +5,8 @@ WITHOUT touching the existing state or the parameters (the kernels are written o
 Then, after one check that every gradient and update is finite, the new state replaces the old
 and the updates are applied with foreach calls. An exception anywhere in the first phase, or a
 non-finite gradient under the default policy, therefore leaves parameters and state exactly as
-they were.
+they were. Gradients are checked before any work is done (one norm per stack, one host
+synchronisation) and updates before they are applied (one sum per stack, one more).
 
 State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``self.state``:
 tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
@@ -53,6 +54,12 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
         raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
 
 
+def check_count(name: str, value: Any, minimum: int) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -80,7 +87,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.nonfinite = nonfinite
         self._layouts: dict[int, list[Stack]] = {}
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "nonfinite": nonfinite})
 
     def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
         raise NotImplementedError
@@ -94,6 +101,11 @@ class StackedOptimizer(torch.optim.Optimizer):
         ``grad`` is ``(B, *stack.shape)`` in the statistics dtype. Must not modify its inputs.
         """
         raise NotImplementedError
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._layouts = {}
+        self.nonfinite = self.defaults["nonfinite"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -111,22 +123,16 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def _cohorts(self, key: str, stack: Stack, has_grad: list[bool]) -> list[list[int]]:
         """Members with a gradient, grouped by their step count (usually one cohort: all)."""
-        steps = self.state[key].get("step", [0] * len(stack.blocks))
+        steps = self.state.get(key, {}).get("step", [0] * len(stack.blocks))
         by_step: dict[int, list[int]] = {}
         for m, block in enumerate(stack.blocks):
             if has_grad[block.param_index]:
                 by_step.setdefault(steps[m], []).append(m)
         return list(by_step.values())
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        pending: list[_Pending] = []
-        finite_flags: list[torch.Tensor] = []
+    def _gather_gradients(self) -> list[tuple[int, Stack, list[int], torch.Tensor]]:
+        """Every cohort's stacked gradient: (group index, stack, members, gradient)."""
+        work = []
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
             for p in params:
@@ -139,25 +145,44 @@ class StackedOptimizer(torch.optim.Optimizer):
             grads = [p.grad if p.grad is not None else p for p in params]
             for stack in self.layout(group_index):
                 key = self.stack_key(group_index, stack)
-                stored = self.state[key]
                 for members in self._cohorts(key, stack, has_grad):
-                    grad = stack.gather(grads, members, dtype)
-                    finite_flags.append(torch.isfinite(grad).all())
-                    step = stored.get("step", [0] * len(stack.blocks))[members[0]]
-                    old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
-                    new_state, update = self.stack_step(group, stack, old, grad, step)
-                    if update is not None:
-                        finite_flags.append(torch.isfinite(update).all())
-                    pending.append(_Pending(key, stack, group, members, new_state, update))
-        if not pending:
+                    work.append((group_index, stack, members, stack.gather(grads, members, dtype)))
+        return work
+
+    def _all_finite(self, tensors: list[torch.Tensor], what: str) -> bool:
+        """One host synchronisation: are all ``tensors`` finite? Raise or warn per the policy."""
+        if not tensors or bool(torch.stack(tensors).isfinite().all()):
+            return True
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: {what} holds NaN or Inf; parameters and optimizer state were "
+                "left unchanged (pass nonfinite='skip' to skip such steps)"
+            )
+        logger.warning("%s: skipped a step because %s holds NaN or Inf", type(self).__name__, what)
+        return False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._gather_gradients()
+        # The norm also flags a gradient whose squares overflow and would poison the statistics.
+        if not self._all_finite([torch.linalg.vector_norm(grad) for *_, grad in work], "a gradient"):
             return loss
-        if not bool(torch.stack(finite_flags).all()):
-            if self.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"{type(self).__name__}: a gradient or its update holds NaN or Inf; parameters and "
-                    "optimizer state were left unchanged (pass nonfinite='skip' to skip such steps)"
-                )
-            logger.warning("%s: skipped a step with a non-finite gradient or update", type(self).__name__)
+        pending: list[_Pending] = []
+        for group_index, stack, members, grad in work:
+            group = self.param_groups[group_index]
+            key = self.stack_key(group_index, stack)
+            stored = self.state.get(key, {})
+            step = stored.get("step", [0] * len(stack.blocks))[members[0]]
+            old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
+            new_state, update = self.stack_step(group, stack, old, grad, step)
+            pending.append(_Pending(key, stack, group, members, new_state, update))
+        updates = [item.update.sum() for item in pending if item.update is not None]
+        if not self._all_finite(updates, "an update"):
             return loss
         self._commit(pending)
         return loss
@@ -174,7 +199,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         targets: list[torch.Tensor] = []
         updates: list[torch.Tensor] = []
         for item in pending:
-            stored = self.state[item.key]
+            stored = self.state.setdefault(item.key, {})
             size = len(item.stack.blocks)
             steps = stored.get("step", [0] * size)
             if len(item.members) == size:

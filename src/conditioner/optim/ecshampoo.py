@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from conditioner.optim.base import check_betas, check_choice, check_range
+from conditioner.optim.base import check_betas, check_choice, check_count, check_range
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, corrected_refresh
 
 REFRESH_POLICIES = ("fixed", "adaptive")
@@ -32,7 +32,6 @@ class EigenvalueCorrectedShampoo(EigenAdam):
 
     rules = EigenAdamRules(
         initial_basis="identity",
-        skip_first_update=False,
         second_moment_transport="rotate",
         epsilon_outside_correction=False,
     )
@@ -65,15 +64,12 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             check_range("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_range("eps", eps, 0.0, float("inf"))
         check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
-            raise ValueError(f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}")
+        check_count("precondition_frequency", precondition_frequency, 1)
         check_choice("refresh", refresh, REFRESH_POLICIES)
         check_range("tolerance", tolerance, 0.0, 1.0)
         check_choice("refresh_method", refresh_method, REFRESH_METHODS)
-        if not isinstance(max_qr_iterations, int) or max_qr_iterations < 1:
-            raise ValueError(f"max_qr_iterations must be an integer >= 1, got {max_qr_iterations!r}")
-        if not isinstance(max_precond_dim, int) or max_precond_dim < 0:
-            raise ValueError(f"max_precond_dim must be an integer >= 0, got {max_precond_dim!r}")
+        check_count("max_qr_iterations", max_qr_iterations, 1)
+        check_count("max_precond_dim", max_precond_dim, 0)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -91,6 +87,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             precondition_1d=precondition_1d,
             one_sided_above=one_sided_above,
             correct_bias=correct_bias,
+            update_first_step=True,
             state_dtype=state_dtype,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)

@@ -28,14 +28,12 @@ class EigenAdamRules:
     """What distinguishes the members of the family.
 
     - ``initial_basis``: ``"eigh"`` of the first factors (SOAP) or ``"identity"`` (ECS).
-    - ``skip_first_update``: the first step only initialises (SOAP reference).
     - ``second_moment_transport``: ``"permute"`` (SOAP: follow the sort only) or ``"rotate"``.
     - ``epsilon_outside_correction``: ε added to ``sqrt(v)`` before bias correction (SOAP
       reference: step ``lr·sqrt(1−β2ᵗ)/(1−β1ᵗ)``) rather than to ``sqrt(v/(1−β2ᵗ))`` (Adam).
     """
 
     initial_basis: str
-    skip_first_update: bool
     second_moment_transport: str
     epsilon_outside_correction: bool
 
@@ -91,12 +89,13 @@ class EigenAdam(StackedOptimizer):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         dims = stack.preconditioned_dims
         fold_gradient = True
+        skip_first_update = not group["update_first_step"]
         if step == 0:
             state = self._initial_state(group, stack, grad)
-            if self.rules.skip_first_update:
+            if skip_first_update:
                 return state, None
             fold_gradient = False
-        t = step if self.rules.skip_first_update else step + 1
+        t = step if skip_first_update else step + 1
         beta1, beta2 = group["betas"]
         bases = {d: state[_basis_key(d)] for d in dims}
 

@@ -15,7 +15,7 @@ import torch
 
 from conditioner.blocks import BlockPolicy, Stack
 from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
-from conditioner.optim.base import StackedOptimizer, check_betas, check_choice, check_range
+from conditioner.optim.base import StackedOptimizer, check_betas, check_choice, check_count, check_range
 from conditioner.optim.kronecker import apply_along, block_norms, factor_ema
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
@@ -74,16 +74,11 @@ class Shampoo(StackedOptimizer):
         check_betas(betas)
         check_range("epsilon", epsilon, 0.0, float("inf"))
         check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
-            raise ValueError(f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}")
+        check_count("precondition_frequency", precondition_frequency, 1)
         if start_preconditioning_step is None:
             start_preconditioning_step = precondition_frequency
-        if not isinstance(start_preconditioning_step, int) or start_preconditioning_step < 1:
-            raise ValueError(
-                f"start_preconditioning_step must be None or an integer >= 1, got {start_preconditioning_step!r}"
-            )
-        if not isinstance(max_preconditioner_dim, int) or max_preconditioner_dim < 0:
-            raise ValueError(f"max_preconditioner_dim must be an integer >= 0, got {max_preconditioner_dim!r}")
+        check_count("start_preconditioning_step", start_preconditioning_step, 1)
+        check_count("max_preconditioner_dim", max_preconditioner_dim, 0)
         check_choice("grafting", grafting, GRAFTING_TYPES)
         check_range("grafting_beta2", grafting_beta2, 0.0, 1.0)
         check_range("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from conditioner.optim.base import check_betas, check_range
+from conditioner.optim.base import check_betas, check_count, check_range
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, soap_refresh
 
 
@@ -31,7 +31,6 @@ class SOAP(EigenAdam):
 
     rules = EigenAdamRules(
         initial_basis="eigh",
-        skip_first_update=True,
         second_moment_transport="permute",
         epsilon_outside_correction=True,
     )
@@ -61,10 +60,8 @@ class SOAP(EigenAdam):
             check_range("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_range("eps", eps, 0.0, float("inf"))
         check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        check_range("precondition_frequency", precondition_frequency, 1, float("inf"))
-        if not isinstance(precondition_frequency, int):
-            raise ValueError(f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}")
-        check_range("max_precond_dim", max_precond_dim, 0, float("inf"))
+        check_count("precondition_frequency", precondition_frequency, 1)
+        check_count("max_precond_dim", max_precond_dim, 0)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -76,13 +73,11 @@ class SOAP(EigenAdam):
             merge_dims=merge_dims,
             precondition_1d=precondition_1d,
             correct_bias=correct_bias,
+            update_first_step=update_first_step,
             split_large_dims=split_large_dims,
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
         )
-        self.update_first_step = update_first_step
-        if update_first_step:
-            self.rules = EigenAdamRules("eigh", False, "permute", True)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def new_bases(self, group, factors, bases):

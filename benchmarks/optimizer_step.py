@@ -1,0 +1,181 @@
+"""Optimizer-step time of conditioner's optimizers against AdamW, peer SOAPs, and a floor kernel.
+
+Two models: an MLP 784-1024-1024-10 (batch 256) and a 4-layer transformer encoder (width 128,
+feed-forward 512, vocabulary 96, sequence 64, batch 32). Every optimizer starts from the same
+initialisation and sees the same sequence of real gradients; only ``optimizer.step()`` is timed.
+After one untimed first step (SOAP's initialisation), 40 timed steps follow, with refreshes
+among them at the reference frequency 10: the median is the ordinary step, the mean includes
+the refreshes.
+
+The FLOOR kernel is what a SOAP step cannot avoid on an ordinary step: for every 2-D block the
+four projection products (Q_Lᵀ G, ·Q_R, Q_L·, ·Q_Rᵀ) and the two factor products G Gᵀ, Gᵀ G,
+run back to back as bare matmuls on preallocated tensors of the same shapes and dtype.
+
+Usage: python benchmarks/optimizer_step.py [--steps 40] [--models mlp transformer] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import conditioner
+
+SOAP_SETTINGS = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=10)
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 96, width: int = 128, layers: int = 4, ff: int = 512, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def make_mlp() -> tuple[nn.Module, Callable[[nn.Module, torch.Generator], torch.Tensor]]:
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+    def loss(m: nn.Module, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(256, 784, generator=g)
+        y = torch.randint(0, 10, (256,), generator=g)
+        return nn.functional.cross_entropy(m(x), y)
+
+    return model, loss
+
+
+def make_transformer() -> tuple[nn.Module, Callable[[nn.Module, torch.Generator], torch.Tensor]]:
+    model = Encoder()
+
+    def loss(m: nn.Module, g: torch.Generator) -> torch.Tensor:
+        tokens = torch.randint(0, 96, (32, 65), generator=g)
+        logits = m(tokens[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 96), tokens[:, 1:].reshape(-1))
+
+    return model, loss
+
+
+MODELS = {"mlp": make_mlp, "transformer": make_transformer}
+
+
+def optimizers() -> dict[str, Callable]:
+    table: dict[str, Callable] = {
+        "AdamW": lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01),
+        "conditioner.SOAP": lambda p: conditioner.SOAP(p, **SOAP_SETTINGS),
+        "conditioner.ECShampoo": lambda p: conditioner.EigenvalueCorrectedShampoo(
+            p, lr=3e-3, precondition_frequency=10, max_precond_dim=10000
+        ),
+        "conditioner.ECShampoo-adaptive": lambda p: conditioner.EigenvalueCorrectedShampoo(
+            p, lr=3e-3, precondition_frequency=10, refresh="adaptive", tolerance=0.1, max_precond_dim=10000
+        ),
+        "conditioner.Shampoo": lambda p: conditioner.Shampoo(p, lr=3e-3, precondition_frequency=10, max_preconditioner_dim=10000),
+    }
+    try:
+        import heavyball
+
+        table["heavyball.SOAP"] = lambda p: heavyball.SOAP(
+            p, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10
+        )
+    except ImportError:
+        pass
+    try:
+        import pytorch_optimizer
+
+        table["pytorch_optimizer.SOAP"] = lambda p: pytorch_optimizer.SOAP(p, **SOAP_SETTINGS)
+    except ImportError:
+        pass
+    return table
+
+
+def gradients(model_name: str, steps: int) -> tuple[dict, list[list[torch.Tensor]]]:
+    """Initial weights and a list of real gradients, one per step, computed at the initial point."""
+    torch.manual_seed(0)
+    model, loss = MODELS[model_name]()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    grads = []
+    for _ in range(steps):
+        model.zero_grad()
+        loss(model, g).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return init, grads
+
+
+def time_optimizer(model_name: str, factory: Callable, init: dict, grads: list[list[torch.Tensor]]) -> list[float]:
+    model, _ = MODELS[model_name]()
+    model.load_state_dict(init)
+    params = list(model.parameters())
+    opt = factory(params)
+    times = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def floor_kernel(model_name: str, repeats: int) -> list[float]:
+    model, _ = MODELS[model_name]()
+    shapes = [tuple(p.shape) for p in model.parameters() if p.ndim == 2]
+    g = torch.Generator().manual_seed(2)
+    blocks = []
+    for m, n in shapes:
+        grad = torch.randn(m, n, generator=g)
+        ql = torch.linalg.qr(torch.randn(m, m, generator=g)).Q
+        qr = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+        blocks.append((grad, ql, qr))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for grad, ql, qr in blocks:
+            projected = (ql.T @ grad) @ qr
+            (ql @ projected) @ qr.T
+            grad @ grad.T
+            grad.T @ grad
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: list[float]) -> dict[str, float]:
+    return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--optimizers", nargs="+", default=None)
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args()
+    table = optimizers()
+    chosen = args.optimizers or list(table)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps, "models": {}}
+    for model_name in args.models:
+        init, grads = gradients(model_name, args.steps + 1)
+        floor = summarise(floor_kernel(model_name, args.steps))
+        rows = {"floor kernel": floor}
+        for name in chosen:
+            rows[name] = summarise(time_optimizer(model_name, table[name], init, grads))
+        results["models"][model_name] = rows
+        print(f"\n{model_name}: {args.steps} timed steps, {torch.get_num_threads()} threads")
+        print(f"{'optimizer':34s} {'median ms':>10s} {'× floor':>8s} {'mean ms':>10s}")
+        for name, row in rows.items():
+            print(f"{name:34s} {row['median_ms']:10.2f} {row['median_ms'] / floor['median_ms']:8.2f} {row['mean_ms']:10.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
