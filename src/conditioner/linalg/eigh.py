@@ -34,7 +34,7 @@ def _is_finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _symmetrise(a: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (a + a.mT)
+    return 0.5 * a + 0.5 * a.mT
 
 
 def _try_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -40,7 +40,8 @@ def newton_schulz(
         raise ValueError(f"steps must be >= 0, got {steps}")
     tall = g.shape[-2] > g.shape[-1]
     x = g.mT if tall else g
-    x = x / (torch.linalg.matrix_norm(x.float(), keepdim=True).to(x.dtype) + epsilon)
+    norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x / (torch.linalg.matrix_norm(x.to(norm_dtype), keepdim=True) + epsilon).to(x.dtype)
     x = _iterate(x, steps, coefficients)
     return x.mT if tall else x
 

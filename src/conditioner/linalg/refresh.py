@@ -27,12 +27,17 @@ class Staleness(NamedTuple):
 def staleness(a: torch.Tensor, q: torch.Tensor) -> Staleness:
     """Relative off-diagonal mass of ``Qᵀ A Q`` for stacks ``a``, ``q`` of shape ``(B, d, d)``.
 
-    An all-zero ``A`` is perfectly diagonal in any basis: its ρ is 0.
+    An all-zero ``A`` is perfectly diagonal in any basis: its ρ is 0. ρ is scale invariant, so the
+    squares are taken of ``A / max|A|``, which neither underflow nor overflow. Because
+    ``ρ² = 1 − Σ diag² / ‖A‖²`` cancels, ρ is resolved down to about ``sqrt(d · eps)`` (≈ 1e-3 in
+    float32): a tolerance below that cannot be met and means "refresh every time".
     """
     aq = torch.matmul(a, q)
     diag = (aq * q).sum(-2)
-    norm_sq = (a * a).sum((-2, -1))
-    off_sq = norm_sq - (diag * diag).sum(-1)
+    scale = a.abs().amax((-2, -1)).clamp_min(torch.finfo(a.dtype).tiny)
+    scaled_diag = diag / scale[:, None]
+    norm_sq = (a / scale[:, None, None]).square().sum((-2, -1))
+    off_sq = norm_sq - scaled_diag.square().sum(-1)
     ratio = off_sq / norm_sq.clamp_min(torch.finfo(a.dtype).tiny)
     rho = torch.where(norm_sq > 0, ratio.clamp(0.0, 1.0), torch.zeros_like(ratio)).sqrt()
     return Staleness(rho, diag, aq)
@@ -41,6 +46,7 @@ def staleness(a: torch.Tensor, q: torch.Tensor) -> Staleness:
 def dense_staleness(a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Reference formula ``‖B − Diag(B)‖ / ‖B‖`` with ``B = Qᵀ A Q`` formed explicitly (tests)."""
     b = q.mT @ a @ q
+    b = b / b.abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     off = b - torch.diag_embed(torch.diagonal(b, dim1=-2, dim2=-1))
     norm = torch.linalg.matrix_norm(b)
     return torch.where(norm > 0, torch.linalg.matrix_norm(off) / norm.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
@@ -84,7 +90,8 @@ def qr_refresh(
     ascending order the unshifted iteration stalls) and takes ``qr(A Q)``. A matrix whose ρ is
     already within tolerance keeps its basis untouched; the loop always runs ``max_iterations``
     masked steps so that no host synchronisation is needed. ``initial`` passes a :func:`staleness`
-    of ``(a, q)`` already computed, saving one product.
+    of ``(a, q)`` already computed, saving one product. Every returned basis, stepped or not, has
+    its columns sorted by estimated eigenvalue in descending order.
     """
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")

@@ -28,10 +28,12 @@ def inverse_root_from_eigh(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor
 
 def inverse_root_eigh(a: torch.Tensor, p: float, epsilon: float = 0.0) -> torch.Tensor:
     """``(A + εI)^(-1/p)`` by eigendecomposition. With ε = 0 a singular A has no inverse root:
-    its zero eigenvalues map to inf, which the caller must avoid by choosing ε > 0."""
+    its zero eigenvalues map to inf, which the caller must avoid by choosing ε > 0. A matrix that
+    cannot be decomposed (non-finite input) gets NaN, as with :func:`inverse_root_newton`."""
     _check_root_arguments(a, p, epsilon)
-    vals, vecs, _ = safe_eigh(a)
-    return inverse_root_from_eigh(vals, vecs, p, epsilon).to(a.dtype)
+    vals, vecs, failed = safe_eigh(a)
+    root = inverse_root_from_eigh(vals, vecs, p, epsilon)
+    return torch.where(failed[:, None, None], torch.nan, root).to(a.dtype)
 
 
 def _integer_power(x: torch.Tensor, n: int) -> torch.Tensor:
