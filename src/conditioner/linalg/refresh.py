@@ -62,9 +62,16 @@ def permute_columns(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, order.unsqueeze(-2).expand_as(x))
 
 
+def orthonormal_factor(x: torch.Tensor) -> torch.Tensor:
+    """The Q of a QR decomposition of each matrix in ``x``; R is never formed (Householder
+    reflectors, then their product: the same Q as ``torch.linalg.qr``, without its cost for R)."""
+    reflectors, tau = torch.geqrf(x)
+    return torch.linalg.householder_product(reflectors, tau)
+
+
 def orthogonal_iteration_step(aq: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """One warm-started QR step ``Q ← qr((A Q)[:, order]).Q``, reusing the product ``A Q``."""
-    return torch.linalg.qr(permute_columns(aq, order)).Q
+    return orthonormal_factor(permute_columns(aq, order))
 
 
 class QRRefresh(NamedTuple):

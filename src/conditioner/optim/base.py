@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from conditioner.blocks import BlockPolicy, Stack, build_stacks
+from conditioner.optim.kronecker import fold_in, fold_in_
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,30 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 @dataclass
+class StackResult:
+    """What a kernel hands back for one cohort of a stack.
+
+    ``state``: the new state tensors (fresh tensors, or the old ones where unchanged).
+    ``update``: the change to subtract from the parameters, times ``scale``; None for no update.
+    ``folds``: state key → (U, β): fold the gradient into that factor at commit,
+    ``F ← β·F + (1 − β)·U Uᵀ`` (β = 1: ``F ← F + U Uᵀ``), in place, the matmul accumulating
+    straight into F. Deferring the fold keeps the old factor intact until every check has passed
+    and avoids both a temporary product and a copy of the factor.
+    """
+
+    state: dict[str, torch.Tensor]
+    update: torch.Tensor | None = None
+    scale: float = 1.0
+    folds: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+
+
+@dataclass
 class _Pending:
     key: str
     stack: Stack
     group: dict[str, Any]
     members: list[int]
-    state: dict[str, Any]
-    update: torch.Tensor | None
+    result: StackResult
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
@@ -94,8 +112,8 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def stack_step(
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Return the stack's new state and its update (to be subtracted), or None for no update.
+    ) -> StackResult:
+        """Return the stack's new state, its update and the factor folds to apply at commit.
 
         ``state`` holds this cohort's tensors (absent on a block's first step, ``step == 0``);
         ``grad`` is ``(B, *stack.shape)`` in the statistics dtype. Must not modify its inputs.
@@ -179,9 +197,9 @@ class StackedOptimizer(torch.optim.Optimizer):
             stored = self.state.get(key, {})
             step = stored.get("step", [0] * len(stack.blocks))[members[0]]
             old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
-            new_state, update = self.stack_step(group, stack, old, grad, step)
-            pending.append(_Pending(key, stack, group, members, new_state, update))
-        updates = [item.update.sum() for item in pending if item.update is not None]
+            result = self.stack_step(group, stack, old, grad, step)
+            pending.append(_Pending(key, stack, group, members, result))
+        updates = [item.result.update.sum() for item in pending if item.result.update is not None]
         if not self._all_finite(updates, "an update"):
             return loss
         self._commit(pending)
@@ -195,35 +213,40 @@ class StackedOptimizer(torch.optim.Optimizer):
         return {k: v.index_select(0, index.to(v.device)) for k, v in stored.items() if k != "step"}
 
     def _commit(self, pending: list[_Pending]) -> None:
+        """Write the new state, fold the gradients into the factors, apply the updates and decay."""
+        moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         decayed: dict[int, tuple[torch.Tensor, float]] = {}
-        targets: list[torch.Tensor] = []
-        updates: list[torch.Tensor] = []
         for item in pending:
+            result = item.result
             stored = self.state.setdefault(item.key, {})
             size = len(item.stack.blocks)
             steps = stored.get("step", [0] * size)
             if len(item.members) == size:
-                stored.update(item.state)
+                stored.update(result.state)
+                for k, (unfolded, beta) in result.folds.items():
+                    fold_in_(stored[k], unfolded, beta)
             else:
+                folded = {k: fold_in(result.state[k], unfolded, beta) for k, (unfolded, beta) in result.folds.items()}
                 index = torch.tensor(item.members)
-                for k, v in item.state.items():
+                for k, v in {**result.state, **folded}.items():
                     full = stored.get(k)
                     if full is None:
                         full = v.new_zeros((size,) + tuple(v.shape[1:]))
                     stored[k] = full.index_copy(0, index.to(v.device), v)
             stored["step"] = [s + 1 if m in item.members else s for m, s in enumerate(steps)]
-            if item.update is None:
+            if result.update is None:
                 continue
             params = item.group["params"]
             views = item.stack.views(params, item.members)
+            targets, updates = moves.setdefault(-result.scale, ([], []))
             targets.extend(views)
-            updates.extend(u.to(v.dtype) for u, v in zip(item.update.unbind(0), views))
+            updates.extend(u.to(v.dtype) for u, v in zip(result.update.unbind(0), views))
             factor = 1.0 - item.group["lr"] * item.group["weight_decay"]
             for m in item.members:
                 p = params[item.stack.blocks[m].param_index]
                 decayed[id(p)] = (p, factor)
-        if targets:
-            torch._foreach_sub_(targets, updates)
+        for alpha, (targets, updates) in moves.items():
+            torch._foreach_add_(targets, updates, alpha=alpha)
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
             if factor != 1.0:

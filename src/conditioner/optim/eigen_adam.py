@@ -19,8 +19,8 @@ import torch
 
 from conditioner.blocks import BlockPolicy, Stack
 from conditioner.linalg import descending_order, orthogonal_iteration_step, qr_refresh, safe_eigh, staleness
-from conditioner.optim.base import StackedOptimizer
-from conditioner.optim.kronecker import factor_ema, project, project_back, transport_diagonal
+from conditioner.optim.base import StackedOptimizer, StackResult
+from conditioner.optim.kronecker import fold_in, project, project_back, transport_diagonal, unfold
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class EigenAdam(StackedOptimizer):
         for dim in dims:
             d = stack.shape[dim]
             zeros = grad.new_zeros(grad.shape[0], d, d)
-            factor = factor_ema(zeros, grad, dim, beta)
+            factor = fold_in(zeros, unfold(grad, dim), beta)
             state[_factor_key(dim)] = factor
             if self.rules.initial_basis == "eigh":
                 basis = safe_eigh(factor).eigenvectors.to(grad.dtype)
@@ -86,14 +86,14 @@ class EigenAdam(StackedOptimizer):
 
     def stack_step(
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    ) -> StackResult:
         dims = stack.preconditioned_dims
         fold_gradient = True
         skip_first_update = not group["update_first_step"]
         if step == 0:
             state = self._initial_state(group, stack, grad)
             if skip_first_update:
-                return state, None
+                return StackResult(state)
             fold_gradient = False
         t = step if skip_first_update else step + 1
         beta1, beta2 = group["betas"]
@@ -101,27 +101,26 @@ class EigenAdam(StackedOptimizer):
 
         projected = project(grad, bases)
         exp_avg = torch.lerp(state["exp_avg"], projected, 1.0 - beta1)
-        exp_avg_sq = torch.addcmul(state["exp_avg_sq"].mul(beta2), projected, projected, value=1.0 - beta2)
+        exp_avg_sq = torch.mul(state["exp_avg_sq"], beta2).addcmul_(projected, projected, value=1.0 - beta2)
         correction1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
         correction2 = 1.0 - beta2**t if group["correct_bias"] else 1.0
-        if self.rules.epsilon_outside_correction:
-            direction = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-            step_size = group["lr"] * correction2**0.5 / correction1
-        else:
-            direction = exp_avg / ((exp_avg_sq / correction2).sqrt() + group["eps"])
-            step_size = group["lr"] / correction1
-        update = project_back(direction, bases) * step_size
+        # m̂ / (sqrt(v̂) + ε) = (sqrt(c2)/c1) · m / (sqrt(v) + ε·sqrt(c2)); SOAP adds ε before correcting.
+        eps = group["eps"] if self.rules.epsilon_outside_correction else group["eps"] * correction2**0.5
+        direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        update = project_back(direction, bases)
 
-        new_state = dict(state)
-        new_state["exp_avg"] = exp_avg
-        new_state["exp_avg_sq"] = exp_avg_sq
+        new_state = dict(state, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        result = StackResult(new_state, update, group["lr"] * correction2**0.5 / correction1)
         if fold_gradient:
             beta = self._factor_beta(group)
-            for d in dims:
-                new_state[_factor_key(d)] = factor_ema(state[_factor_key(d)], grad, d, beta)
+            folds = {_factor_key(d): (unfold(grad, d), beta) for d in dims}
+            if dims and self.due_for_refresh(group, t):
+                new_state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
+            else:
+                result.folds = folds
         if dims and self.due_for_refresh(group, t):
             self._refresh(group, dims, new_state)
-        return new_state, update
+        return result
 
     def due_for_refresh(self, group: dict[str, Any], t: int) -> bool:
         return t % group["precondition_frequency"] == 0

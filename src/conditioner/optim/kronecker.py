@@ -47,19 +47,34 @@ def project_back(x: torch.Tensor, bases: Mapping[int, torch.Tensor]) -> torch.Te
     return x
 
 
-def factor_ema(factor: torch.Tensor, g: torch.Tensor, dim: int, beta: float) -> torch.Tensor:
-    """``β·F + w·G_(dim) G_(dim)ᵀ`` with ``w = 1 − β`` (or 1 when β = 1, a running sum), where
-    ``G_(dim)`` is the unfolding of each block along ``dim``. One fused batched matmul."""
+def unfold(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each block of ``g`` unfolded along block dimension ``dim``: ``(B, d, N)`` with
+    ``unfolded @ unfoldedᵀ = G_(dim) G_(dim)ᵀ`` (``G`` for dim 0 of a matrix, ``Gᵀ`` for dim 1).
+    A view, except for a middle dimension of an order-3+ block."""
     pre, d, post = _split(g.shape, dim)
     batch = g.shape[0]
-    weight = 1.0 if beta == 1.0 else 1.0 - beta
     if pre == 1:
-        unfolded = g.reshape(batch, d, post)
-    elif post == 1:
-        unfolded = g.reshape(batch, pre, d).mT
-    else:
-        unfolded = g.reshape(batch, pre, d, post).transpose(1, 2).reshape(batch, d, pre * post)
-    return torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta, alpha=weight)
+        return g.reshape(batch, d, post)
+    if post == 1:
+        return g.reshape(batch, pre, d).mT
+    return g.reshape(batch, pre, d, post).transpose(1, 2).reshape(batch, d, pre * post)
+
+
+def _weights(beta: float) -> tuple[float, float]:
+    return (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
+
+
+def fold_in(factor: torch.Tensor, unfolded: torch.Tensor, beta: float) -> torch.Tensor:
+    """``β·F + (1 − β)·U Uᵀ`` (β = 1: the running sum ``F + U Uᵀ``) as one fused batched matmul,
+    into a new tensor."""
+    keep, weight = _weights(beta)
+    return torch.baddbmm(factor, unfolded, unfolded.mT, beta=keep, alpha=weight)
+
+
+def fold_in_(factor: torch.Tensor, unfolded: torch.Tensor, beta: float) -> torch.Tensor:
+    """:func:`fold_in` in place: the matmul accumulates straight into ``factor``."""
+    keep, weight = _weights(beta)
+    return factor.baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=weight)
 
 
 def transport_diagonal(values: torch.Tensor, old: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]) -> torch.Tensor:

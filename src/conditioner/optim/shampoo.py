@@ -15,8 +15,8 @@ import torch
 
 from conditioner.blocks import BlockPolicy, Stack
 from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
-from conditioner.optim.base import StackedOptimizer, check_betas, check_choice, check_count, check_range
-from conditioner.optim.kronecker import apply_along, block_norms, factor_ema
+from conditioner.optim.base import StackedOptimizer, StackResult, check_betas, check_choice, check_count, check_range
+from conditioner.optim.kronecker import apply_along, block_norms, fold_in, unfold
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
 ROOT_METHODS = ("eigh", "newton")
@@ -169,13 +169,11 @@ class Shampoo(StackedOptimizer):
 
     def stack_step(
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    ) -> StackResult:
         dims = stack.preconditioned_dims
         state = dict(self._initial_state(group, stack, grad) if step == 0 else state)
         t = step + 1
         beta1, beta2 = group["betas"]
-        for d in dims:
-            state[_factor_key(d)] = factor_ema(state[_factor_key(d)], grad, d, beta2)
         momentum = grad
         if beta1 > 0:
             state["exp_avg"] = torch.lerp(state["exp_avg"], grad, 1.0 - beta1)
@@ -184,15 +182,23 @@ class Shampoo(StackedOptimizer):
             else:
                 momentum = state["exp_avg"] / (1.0 - beta1**t)
         graft = self._graft_direction(group, state, grad, momentum, t)
+        folds = {_factor_key(d): (unfold(grad, d), beta2) for d in dims}
         start = group["start_preconditioning_step"]
-        if not dims or t < start:
-            return state, graft * group["lr"]
-        if (t - start) % group["precondition_frequency"] == 0:
+        refresh = bool(dims) and t >= start and (t - start) % group["precondition_frequency"] == 0
+        result = StackResult(state, scale=group["lr"])
+        if refresh:
+            state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
             self._inverse_roots(group, state, dims, t)
+        else:
+            result.folds = folds
+        if not dims or t < start:
+            result.update = graft
+            return result
         direction = momentum
         for d in dims:
             direction = apply_along(direction, state[_root_key(d)], d)
         if group["grafting"] != "none":
             norm = block_norms(direction)
             direction = direction * torch.where(norm > 0, block_norms(graft) / norm.clamp_min(1e-30), 0.0)
-        return state, direction * group["lr"]
+        result.update = direction
+        return result
