@@ -12,7 +12,8 @@ The FLOOR kernel is what a SOAP step cannot avoid on an ordinary step: for every
 four projection products (Q_Lᵀ G, ·Q_R, Q_L·, ·Q_Rᵀ) and the two factor products G Gᵀ, Gᵀ G,
 run back to back as bare matmuls on preallocated tensors of the same shapes and dtype.
 
-Usage: python benchmarks/optimizer_step.py [--steps 40] [--models mlp transformer] [--json FILE]
+Usage: python benchmarks/optimizer_step.py [--steps 40] [--models mlp transformer]
+                                           [--schedule round-robin|sequential] [--json FILE]
 """
 
 from __future__ import annotations
@@ -154,15 +155,24 @@ class FloorRun:
         return time.perf_counter() - start
 
 
-def time_round_robin(runs: dict[str, Callable], grads: list[list[torch.Tensor]]) -> dict[str, list[float]]:
-    """Step every run once per gradient, rotating the order each step so that drifts in machine
-    speed fall on all runs alike; the warm-up steps are dropped."""
+def time_runs(runs: dict[str, Callable], grads: list[list[torch.Tensor]], schedule: str) -> dict[str, list[float]]:
+    """Time every run on every gradient; the warm-up steps are dropped.
+
+    ``round-robin`` steps every run once per gradient, rotating the order each step, so that
+    drifts in machine speed fall on all runs alike and every step starts with caches holding
+    other runs' data, as after a forward and backward pass. ``sequential`` runs each optimizer
+    through all its steps before the next, with warm caches.
+    """
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for i, step_grads in enumerate(grads):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(runs[name](step_grads))
+    if schedule == "sequential":
+        for name in names:
+            times[name] = [runs[name](step_grads) for step_grads in grads]
+    else:
+        for i, step_grads in enumerate(grads):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(runs[name](step_grads))
     return {name: t[WARMUP:] for name, t in times.items()}
 
 
@@ -175,19 +185,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--optimizers", nargs="+", default=None)
+    parser.add_argument("--schedule", choices=["round-robin", "sequential"], default="round-robin")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     table = optimizers()
     chosen = args.optimizers or list(table)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps, "models": {}}
+    results = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "schedule": args.schedule,
+        "models": {},
+    }
     for model_name in args.models:
         init, grads = gradients(model_name, args.steps + WARMUP)
         runs: dict[str, Callable] = {"floor kernel": FloorRun(model_name)}
         runs.update({name: OptimizerRun(model_name, table[name], init) for name in chosen})
-        rows = {name: summarise(t) for name, t in time_round_robin(runs, grads).items()}
+        rows = {name: summarise(t) for name, t in time_runs(runs, grads, args.schedule).items()}
         floor = rows["floor kernel"]
         results["models"][model_name] = rows
-        print(f"\n{model_name}: {args.steps} timed steps, {torch.get_num_threads()} threads")
+        print(f"\n{model_name}: {args.steps} timed steps, {torch.get_num_threads()} threads, {args.schedule}")
         print(f"{'optimizer':34s} {'median ms':>10s} {'× floor':>8s} {'mean ms':>10s}")
         for name, row in rows.items():
             print(f"{name:34s} {row['median_ms']:10.2f} {row['median_ms'] / floor['median_ms']:8.2f} {row['mean_ms']:10.2f}")
