@@ -62,33 +62,76 @@ class _Pending:
     result: StackResult
 
 
-def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval."""
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or below or above or value != value:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
+Check = Callable[[str, Any], None]
 
 
-def check_count(name: str, value: Any, minimum: int) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def check_range(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a number in the stated interval."""
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    message = f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(message)
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        raise ValueError(message)
 
 
-def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+def in_range(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = False) -> Check:
+    return lambda name, value: check_range(name, value, low, high, low_open, high_open)
 
 
-def check_betas(betas: Any) -> None:
+def optional(check: Check) -> Check:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def count(minimum: int) -> Check:
+    """An integer >= ``minimum``."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
+
+
+def choice(*allowed: Any) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    return check
+
+
+def flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_betas(name: str, betas: Any) -> None:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    check_range(f"{name}[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_range(f"{name}[1]", betas[1], 0.0, 1.0)
+
+
+def check_dtype(name: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"{name} must be None or a floating-point torch.dtype, got {value!r}")
+
+
+#: Checks of the hyperparameters every stacked optimizer has; subclasses add their own.
+COMMON_CHECKS: dict[str, Check] = {
+    "lr": in_range(0.0),
+    "betas": check_betas,
+    "weight_decay": in_range(0.0),
+    "precondition_frequency": count(1),
+    "merge_dims": flag,
+    "split_large_dims": flag,
+    "precondition_1d": flag,
+    "one_sided_above": optional(count(1)),
+    "state_dtype": check_dtype,
+    "nonfinite": choice(*NONFINITE_POLICIES),
+}
 
 
 def statistics_dtype(params: Iterable[torch.Tensor], requested: torch.dtype | None) -> torch.dtype:
@@ -99,16 +142,35 @@ def statistics_dtype(params: Iterable[torch.Tensor], requested: torch.dtype | No
 
 
 class StackedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses give the block policy of a group and a functional per-stack kernel."""
+    """Base class: subclasses give their hyperparameter checks and a functional per-stack kernel.
 
-    def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "raise") -> None:
-        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        self.nonfinite = nonfinite
+    Every param group (the defaults, and each group added later) is validated against
+    ``checks``: an invalid value raises ValueError naming the argument and what is allowed.
+    """
+
+    checks: dict[str, Check] = COMMON_CHECKS
+    #: the name of the option that bounds a factor's dimension (each paper's own spelling)
+    max_dim_option = "max_precond_dim"
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self.validate(defaults)
+        self.nonfinite = defaults["nonfinite"]
         self._layouts: dict[int, list[Stack]] = {}
-        super().__init__(params, {**defaults, "nonfinite": nonfinite})
+        super().__init__(params, defaults)
+
+    def validate(self, options: dict[str, Any]) -> None:
+        for name, check in self.checks.items():
+            if name in options:
+                check(name, options[name])
 
     def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
-        raise NotImplementedError
+        return BlockPolicy(
+            max_preconditioner_dim=group[self.max_dim_option],
+            split_large_dims=group["split_large_dims"],
+            merge_small_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            one_sided_above=group["one_sided_above"],
+        )
 
     def stack_step(
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
@@ -126,6 +188,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         self.nonfinite = self.defaults["nonfinite"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.validate(param_group)
         super().add_param_group(param_group)
         self._layouts = {}
 

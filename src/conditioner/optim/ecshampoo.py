@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from conditioner.optim.base import check_betas, check_choice, check_count, check_range
+from conditioner.optim.base import choice, count, in_range
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, corrected_refresh
 
 REFRESH_POLICIES = ("fixed", "adaptive")
@@ -30,6 +30,13 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     and small neighbouring dimensions merged (``merge_dims``) by default; 1-D parameters get Adam.
     """
 
+    checks = {
+        **EigenAdam.checks,
+        "refresh": choice(*REFRESH_POLICIES),
+        "tolerance": in_range(0.0, 1.0),
+        "refresh_method": choice(*REFRESH_METHODS),
+        "max_qr_iterations": count(1),
+    }
     rules = EigenAdamRules(
         initial_basis="identity",
         second_moment_transport="rotate",
@@ -58,18 +65,6 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         state_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
     ) -> None:
-        check_range("lr", lr, 0.0, float("inf"))
-        check_betas(betas)
-        if shampoo_beta is not None:
-            check_range("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
-        check_range("eps", eps, 0.0, float("inf"))
-        check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        check_count("precondition_frequency", precondition_frequency, 1)
-        check_choice("refresh", refresh, REFRESH_POLICIES)
-        check_range("tolerance", tolerance, 0.0, 1.0)
-        check_choice("refresh_method", refresh_method, REFRESH_METHODS)
-        check_count("max_qr_iterations", max_qr_iterations, 1)
-        check_count("max_precond_dim", max_precond_dim, 0)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -89,8 +84,9 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             correct_bias=correct_bias,
             update_first_step=True,
             state_dtype=state_dtype,
+            nonfinite=nonfinite,
         )
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults)
 
     def new_bases(self, group, factors, bases):
         tolerance = group["tolerance"] if group["refresh"] == "adaptive" else None

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from conditioner.blocks import BlockPolicy, Stack
+from conditioner.blocks import Stack
 from conditioner.linalg import descending_order, orthogonal_iteration_step, qr_refresh, safe_eigh, staleness
-from conditioner.optim.base import StackedOptimizer, StackResult
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, count, flag, in_range, optional
 from conditioner.optim.kronecker import fold_in, project, project_back, transport_diagonal, unfold
 
 
@@ -50,15 +50,14 @@ class EigenAdam(StackedOptimizer):
     """Base of SOAP and EigenvalueCorrectedShampoo; use those classes."""
 
     rules: EigenAdamRules
-
-    def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
-        return BlockPolicy(
-            max_preconditioner_dim=group["max_precond_dim"],
-            split_large_dims=group["split_large_dims"],
-            merge_small_dims=group["merge_dims"],
-            precondition_1d=group["precondition_1d"],
-            one_sided_above=group["one_sided_above"],
-        )
+    checks = {
+        **COMMON_CHECKS,
+        "shampoo_beta": optional(in_range(0.0, 1.0, high_open=True)),
+        "eps": in_range(0.0),
+        "max_precond_dim": count(0),
+        "correct_bias": flag,
+        "update_first_step": flag,
+    }
 
     def _factor_beta(self, group: dict[str, Any]) -> float:
         beta = group["shampoo_beta"]

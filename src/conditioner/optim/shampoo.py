@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from conditioner.blocks import BlockPolicy, Stack
+from conditioner.blocks import Stack
 from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
-from conditioner.optim.base import StackedOptimizer, StackResult, check_betas, check_choice, check_count, check_range
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, choice, count, flag, in_range, optional
 from conditioner.optim.kronecker import apply_along, block_norms, fold_in, unfold
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
@@ -47,6 +47,20 @@ class Shampoo(StackedOptimizer):
       (``split_large_dims``), small neighbours merged; 1-D parameters on the grafted method.
     """
 
+    checks = {
+        **COMMON_CHECKS,
+        "epsilon": in_range(0.0),
+        "start_preconditioning_step": count(1),
+        "max_preconditioner_dim": count(0),
+        "grafting": choice(*GRAFTING_TYPES),
+        "grafting_beta2": in_range(0.0, 1.0),
+        "grafting_epsilon": in_range(0.0),
+        "root_method": choice(*ROOT_METHODS),
+        "exponent_override": optional(in_range(0.0, low_open=True)),
+        "nesterov": flag,
+    }
+    max_dim_option = "max_preconditioner_dim"
+
     def __init__(
         self,
         params: Any,
@@ -70,23 +84,8 @@ class Shampoo(StackedOptimizer):
         state_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
     ) -> None:
-        check_range("lr", lr, 0.0, float("inf"))
-        check_betas(betas)
-        check_range("epsilon", epsilon, 0.0, float("inf"))
-        check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        check_count("precondition_frequency", precondition_frequency, 1)
         if start_preconditioning_step is None:
             start_preconditioning_step = precondition_frequency
-        check_count("start_preconditioning_step", start_preconditioning_step, 1)
-        check_count("max_preconditioner_dim", max_preconditioner_dim, 0)
-        check_choice("grafting", grafting, GRAFTING_TYPES)
-        check_range("grafting_beta2", grafting_beta2, 0.0, 1.0)
-        check_range("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))
-        check_choice("root_method", root_method, ROOT_METHODS)
-        if exponent_override is not None:
-            check_range("exponent_override", exponent_override, 0.0, float("inf"), low_open=True)
-            if root_method == "newton" and int(exponent_override) != exponent_override:
-                raise ValueError(f"exponent_override must be an integer with root_method='newton', got {exponent_override!r}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -106,17 +105,17 @@ class Shampoo(StackedOptimizer):
             precondition_1d=precondition_1d,
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
+            nonfinite=nonfinite,
         )
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults)
 
-    def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
-        return BlockPolicy(
-            max_preconditioner_dim=group["max_preconditioner_dim"],
-            split_large_dims=group["split_large_dims"],
-            merge_small_dims=group["merge_dims"],
-            precondition_1d=group["precondition_1d"],
-            one_sided_above=group["one_sided_above"],
-        )
+    def validate(self, options: dict[str, Any]) -> None:
+        super().validate(options)
+        if options.get("root_method") == "newton" and options.get("exponent_override") is not None:
+            if int(options["exponent_override"]) != options["exponent_override"]:
+                raise ValueError(
+                    f"exponent_override must be an integer with root_method='newton', got {options['exponent_override']!r}"
+                )
 
     def _initial_state(self, group: dict[str, Any], stack: Stack, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         dims = stack.preconditioned_dims

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from conditioner.optim.base import check_betas, check_count, check_range
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, soap_refresh
 
 
@@ -54,14 +53,6 @@ class SOAP(EigenAdam):
         state_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
     ) -> None:
-        check_range("lr", lr, 0.0, float("inf"))
-        check_betas(betas)
-        if shampoo_beta is not None:
-            check_range("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
-        check_range("eps", eps, 0.0, float("inf"))
-        check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        check_count("precondition_frequency", precondition_frequency, 1)
-        check_count("max_precond_dim", max_precond_dim, 0)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -77,8 +68,9 @@ class SOAP(EigenAdam):
             split_large_dims=split_large_dims,
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
+            nonfinite=nonfinite,
         )
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults)
 
     def new_bases(self, group, factors, bases):
         return soap_refresh(factors, bases)
