@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,7 +19,8 @@ class Dataset:
 
     Classification: ``x_*`` float32 features of shape ``(N, *input_shape)``, ``y_*`` int64 labels
     in ``[0, num_classes)``. Language modelling: ``x_*`` int64 windows ``(N, context)`` of token
-    ids and ``y_*`` the same windows shifted by one token; ``num_classes`` is the vocabulary size.
+    ids and ``y_*`` the same windows shifted by one token; ``num_classes`` is the vocabulary size
+    and ``vocabulary`` the character of each id (empty for classification).
     """
 
     name: str
@@ -29,26 +31,42 @@ class Dataset:
     y_val: torch.Tensor
     num_classes: int
     input_shape: tuple[int, ...]
+    vocabulary: tuple[str, ...] = ()
+
+    def decode(self, ids: Any) -> str:
+        """The text spelled by token ids ``ids`` (language data sets only)."""
+        if not self.vocabulary:
+            raise ValueError(f"data set {self.name!r} has no vocabulary to decode with")
+        from conditioner.data.text import decode
+
+        return decode(ids, self.vocabulary)
 
 
-_LOADERS: dict[str, Callable[[int], Dataset]] = {}
+Loader = Callable[..., Dataset]
+_LOADERS: dict[str, Loader] = {}
 
 
-def register(name: str) -> Callable[[Callable[[int], Dataset]], Callable[[int], Dataset]]:
-    def decorator(loader: Callable[[int], Dataset]) -> Callable[[int], Dataset]:
+def register(name: str) -> Callable[[Loader], Loader]:
+    def decorator(loader: Loader) -> Loader:
         _LOADERS[name] = loader
         return loader
 
     return decorator
 
 
-def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """Load data set ``name`` (one of :data:`DATASETS`) with the split fixed by ``seed``."""
+def load_dataset(name: str, seed: int = 0, **options: Any) -> Dataset:
+    """Load data set ``name`` (one of :data:`DATASETS`) with the split fixed by ``seed``.
+
+    ``options`` are the loader's own keywords, all optional: ``fashion-mnist`` takes ``limit``
+    (a seeded subset of that many training images); ``chars`` takes ``context`` (window length,
+    default 128), ``max_chars`` (use only the corpus's first characters) and ``max_vocab``.
+    Raises :class:`DataUnavailableError` when the package holding the data is not installed.
+    """
     from conditioner.data import loaders  # noqa: F401  (registers the loaders)
 
     if name not in _LOADERS:
         raise ValueError(f"dataset must be one of {sorted(_LOADERS)}, got {name!r}")
-    return _LOADERS[name](seed)
+    return _LOADERS[name](seed, **options)
 
 
 DATASETS = ("digits", "fashion-mnist", "mnist5k", "chars")
