@@ -1,0 +1,221 @@
+"""``conditioner bench``: arguments, checks, and the run from data to report.
+
+Exit status: 0 when the benchmark ran (diverged runs are results, not errors); 2 with a one-line
+``conditioner bench: error: ...`` for bad arguments (unknown preset or optimizer, a count ≤ 0,
+an output folder that cannot be written), for a missing data set (the message is the command
+that installs it), or when none of the asked optimizers can run here; 130 after Ctrl-C, with
+``results.json`` and ``report.md`` written for the runs that had finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conditioner.bench.optimizers import OPTIMIZERS, OURS, PEERS, unavailable_reason
+from conditioner.bench.presets import PRESETS
+from conditioner.bench.runner import DEFAULT_SWEEP, BenchResults, Runner, prepare_data
+
+GROUPS = {"all": tuple(OPTIMIZERS), "ours": OURS, "peers": PEERS}
+
+
+class BenchError(Exception):
+    """A problem with the request, reported as one line and exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench",
+        help="compare optimizers on a real data set: table, results.json, plots, report.md",
+        description=(
+            "Train the same model from the same initialisation on the same data order with each optimizer, "
+            "then report losses, accuracy, steps and time to reach AdamW's final validation loss, optimizer "
+            "step time, state memory and eigenbasis refreshes (mean±std over seeds). With no arguments: "
+            "the 'default' preset (8x8 digits, MLP), a few minutes at most on 2 CPU cores."
+        ),
+    )
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="what to train (default: default)")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        metavar="NAME",
+        help=f"optimizers to compare (default: the preset's); names: {', '.join(OPTIMIZERS)}; or all, ours, peers",
+    )
+    parser.add_argument("--steps", type=positive_int, help="training steps per run (default: the preset's)")
+    parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, help="minibatch size (default: the preset's)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=non_negative_int, help="one seed")
+    seeds.add_argument("--seeds", type=non_negative_int, nargs="+", metavar="K", help="several seeds (default: the preset's)")
+    parser.add_argument("--out", type=Path, help="output folder (default: bench-out/<preset>)")
+    parser.add_argument(
+        "--lr-sweep",
+        type=positive_float,
+        nargs="*",
+        metavar="FACTOR",
+        help="first tune each optimizer's learning rate on seed 0 over the preset's rate times each FACTOR "
+        f"(default factors: {' '.join(f'{f:.3g}' for f in DEFAULT_SWEEP)}), keeping the best final validation loss",
+    )
+    parser.add_argument("--save-model", action="store_true", help="save each run's final model to OUT/models/")
+    parser.add_argument("--heavyball-compile", action="store_true", help="let heavyball use torch.compile (slow start)")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help="list presets and optimizers, then exit")
+    parser.set_defaults(func=main)
+    return parser
+
+
+def _listing() -> str:
+    lines = ["presets:"]
+    for p in PRESETS.values():
+        lines.append(f"  {p.name:12s} {p.description}; {p.steps} steps, batch {p.batch_size}, seeds {list(p.seeds)}")
+    lines.append("optimizers:")
+    for spec in OPTIMIZERS.values():
+        reason = unavailable_reason(spec.name)
+        lines.append(f"  {spec.name:19s} {spec.description}" + ("  [not installed]" if reason else ""))
+    return "\n".join(lines)
+
+
+def _optimizers(requested: list[str] | None, default: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    names: list[str] = []
+    for name in requested or default:
+        expanded = GROUPS.get(name, (name,))
+        for n in expanded:
+            if n not in OPTIMIZERS:
+                raise BenchError(f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZERS)}, all, ours, peers)")
+            if n not in names:
+                names.append(n)
+    skipped = {n: reason for n in names if (reason := unavailable_reason(n))}
+    runnable = [n for n in names if n not in skipped]
+    if not runnable:
+        raise BenchError("none of the optimizers can run here: " + "; ".join(skipped.values()))
+    return runnable, skipped
+
+
+def _writable(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise BenchError(f"cannot write to output folder {str(out)!r}: {error.strerror or error}") from None
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``conditioner bench`` with parsed ``args``; return the exit status."""
+    try:
+        return _run(args)
+    except BenchError as error:
+        print(f"conditioner bench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the first run started (the runner catches it later on)
+        print("conditioner bench: interrupted before any run finished", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from conditioner.data import DataUnavailableError, load_dataset
+
+    if args.list:
+        print(_listing())
+        return 0
+    preset = PRESETS[args.preset]
+    optimizers, skipped = _optimizers(args.optimizers, preset.optimizers)
+    changes: dict[str, Any] = {}
+    for key in ("steps", "eval_every", "batch_size"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.lr_sweep is not None:
+        changes["lr_source"] = "sweep"
+    preset = preset.replace(**changes)
+    seeds = [args.seed] if args.seed is not None else list(dict.fromkeys(args.seeds or preset.seeds))
+    preset = preset.replace(seeds=tuple(seeds))
+    out = _writable(args.out if args.out is not None else Path("bench-out") / preset.name)
+    sweep = None if args.lr_sweep is None else tuple(args.lr_sweep or DEFAULT_SWEEP)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for reason in skipped.values():
+        print(f"conditioner bench: {reason}", file=sys.stderr)
+    try:
+        dataset = load_dataset(preset.dataset, seed=0)
+    except DataUnavailableError as error:
+        raise BenchError(f"data set {preset.dataset!r} is not available: {error}") from None
+    data = prepare_data(dataset, preset)
+
+    from conditioner.bench import plots, report
+
+    argv = list(getattr(args, "argv", []))
+    options = {"heavyball_compile": bool(args.heavyball_compile), "save_model": bool(args.save_model)}
+
+    def save(results: BenchResults, with_plots: bool = False) -> dict[str, Any]:
+        names = plots.plot_curves(results, out) if with_plots and results.finished_runs() else {}
+        payload = report.results_payload(results, argv=argv, skipped=skipped, sweep=sweep, options=options, plots=names)
+        report.write_json(out / report.RESULTS, payload)
+        return payload
+
+    runner = Runner(
+        preset,
+        data,
+        optimizers,
+        seeds,
+        sweep=sweep,
+        progress=not args.no_progress,
+        model_dir=out / "models" if args.save_model else None,
+        optimizer_options={"heavyball_compile": bool(args.heavyball_compile)},
+        on_update=save,
+    )
+    started = time.perf_counter()
+    results = runner.run()
+    payload = None
+    try:
+        payload = save(results, with_plots=True)
+        report.write_report(out, payload)
+    except KeyboardInterrupt:  # a second Ctrl-C while writing: the json of the last run is on disk
+        results.interrupted = True
+    if payload is not None:
+        print(payload["table"], flush=True)
+    elapsed = time.perf_counter() - started
+    if results.interrupted:
+        print(
+            f"conditioner bench: interrupted; {results.finished_runs()} finished runs written to {out}", file=sys.stderr
+        )
+        return 130
+    print(f"\n{results.finished_runs()} runs in {elapsed:.0f} s; results, plots and report in {out}/", file=sys.stderr)
+    return 0
