@@ -150,6 +150,17 @@ def test_soap_with_identity_basis_is_adam_one_step_later():
     assert not torch.equal(model.inp.weight, make_model(dtype=torch.float64).inp.weight)
 
 
+def assert_same_trajectory(model, optimizer, ref, ref_optimizer, steps, rtol, atol):
+    """Train ``model`` and ``ref`` on the same losses and compare the parameters after every step."""
+    for i in range(steps):
+        for m, opt in ((model, optimizer), (ref, ref_optimizer)):
+            opt.zero_grad()
+            mse(m, i).backward()
+            opt.step()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 def test_soap_with_identity_basis_and_update_first_step_is_adam():
     model = make_model(dtype=torch.float64)
     ref = copy.deepcopy(model)
@@ -158,14 +169,8 @@ def test_soap_with_identity_basis_and_update_first_step_is_adam():
         update_first_step=True,
     )
     adam = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-16)
-    for i in range(15):
-        for m, opt in ((model, soap), (ref, adam)):
-            opt.zero_grad()
-            mse(m, i).backward()
-            opt.step()
-        for a, b in zip(model.parameters(), ref.parameters()):
-            # same ε-placement bound as above
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # same ε-placement bound as above
+    assert_same_trajectory(model, soap, ref, adam, 15, rtol=0, atol=1e-12)
 
 
 def _soap_diagonal_loop(params, grads, lr, betas, eps, wd, decay_first=False):
@@ -214,15 +219,9 @@ def test_ecs_before_its_first_refresh_is_adam():
         model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, precondition_frequency=1000, merge_dims=False
     )
     adam = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-    for i in range(15):
-        for m, opt in ((model, ecs), (ref, adam)):
-            opt.zero_grad()
-            mse(m, i).backward()
-            opt.step()
-        for a, b in zip(model.parameters(), ref.parameters()):
-            # the same formula (identity bases are exact); only sqrt(v/c2) vs sqrt(v)/sqrt(c2)
-            # rounds differently: a few ulps per step
-            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    # the same formula (identity bases are exact); only sqrt(v/c2) vs sqrt(v)/sqrt(c2)
+    # rounds differently: a few ulps per step
+    assert_same_trajectory(model, ecs, ref, adam, 15, rtol=1e-13, atol=1e-14)
     assert ecs.total_refreshes() == 0
     assert any("factor0" in s for s in ecs.state.values())  # factors are accumulated meanwhile
 
@@ -254,14 +253,8 @@ def test_shampoo_before_start_preconditioning_step_is_its_grafted_method(graftin
         **kwargs,
     )
     other = torch_optimizer(ref.parameters(), 1e-2)
-    for i in range(15):
-        for m, opt in ((model, shampoo), (ref, other)):
-            opt.zero_grad()
-            mse(m, i).backward()
-            opt.step()
-        for a, b in zip(model.parameters(), ref.parameters()):
-            # the same formula in float64; only the order of a few roundings differs
-            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    # the same formula in float64; only the order of a few roundings differs
+    assert_same_trajectory(model, shampoo, ref, other, 15, rtol=1e-13, atol=1e-14)
     assert shampoo.total_refreshes() == 0
 
 

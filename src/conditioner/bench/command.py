@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +30,26 @@ class BenchError(Exception):
     """A problem with the request, reported as one line and exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def bounded(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` (int or float) above ``minimum`` (``strict``) or at least it."""
+    noun = "an integer" if kind is int else "a number"
+    relation = ">" if strict else ">="
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite {noun[2:].lstrip()} {relation} {minimum}, got {text}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+positive_int = bounded(int, 0, strict=True)
+non_negative_int = bounded(int, 0, strict=False)
+positive_float = bounded(float, 0.0, strict=True)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
