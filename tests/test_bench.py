@@ -22,13 +22,7 @@ from conditioner.bench.training import BatchOrder, Curve, RunResult, train_run
 from conditioner.data import DataUnavailableError, load_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and keeps a busy 2-core machine responsive."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

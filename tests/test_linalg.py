@@ -37,13 +37,7 @@ from conditioner.linalg import (
 eigh_module = importlib.import_module("conditioner.linalg.eigh")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The matrices here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -20,14 +20,7 @@ from conditioner import SOAP, EigenvalueCorrectedShampoo, NonFiniteGradientError
 # --- helpers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Everything here is tiny: intra-op threads only add synchronisation, and on a busy 2-core
-    machine they made the training tests 30× slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _merged(defaults, kwargs):

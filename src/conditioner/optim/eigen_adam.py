@@ -20,7 +20,7 @@ import torch
 from conditioner.blocks import Stack
 from conditioner.linalg import descending_order, orthogonal_iteration_step, qr_refresh, safe_eigh, staleness
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, count, flag, in_range, optional
-from conditioner.optim.kronecker import fold_in, project, project_back, transport_diagonal, unfold
+from conditioner.optim.kronecker import factor_key, fold_in, project, project_back, transport_diagonal, unfold
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,6 @@ class EigenAdamRules:
     initial_basis: str
     second_moment_transport: str
     epsilon_outside_correction: bool
-
-
-def _factor_key(dim: int) -> str:
-    return f"factor{dim}"
 
 
 def _basis_key(dim: int) -> str:
@@ -75,7 +71,7 @@ class EigenAdam(StackedOptimizer):
             d = stack.shape[dim]
             zeros = grad.new_zeros(grad.shape[0], d, d)
             factor = fold_in(zeros, unfold(grad, dim), beta)
-            state[_factor_key(dim)] = factor
+            state[factor_key(dim)] = factor
             if self.rules.initial_basis == "eigh":
                 basis = safe_eigh(factor).eigenvectors.to(grad.dtype)
             else:
@@ -110,19 +106,17 @@ class EigenAdam(StackedOptimizer):
 
         new_state = dict(state, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         result = StackResult(new_state, update, group["lr"] * correction2**0.5 / correction1)
+        refresh = bool(dims) and t % group["precondition_frequency"] == 0
         if fold_gradient:
             beta = self._factor_beta(group)
-            folds = {_factor_key(d): (unfold(grad, d), beta) for d in dims}
-            if dims and self.due_for_refresh(group, t):
+            folds = {factor_key(d): (unfold(grad, d), beta) for d in dims}
+            if refresh:
                 new_state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
             else:
                 result.folds = folds
-        if dims and self.due_for_refresh(group, t):
+        if refresh:
             self._refresh(group, dims, new_state)
         return result
-
-    def due_for_refresh(self, group: dict[str, Any], t: int) -> bool:
-        return t % group["precondition_frequency"] == 0
 
     def new_bases(
         self, group: dict[str, Any], factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
@@ -132,7 +126,7 @@ class EigenAdam(StackedOptimizer):
         raise NotImplementedError
 
     def _refresh(self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor]) -> None:
-        factors = {d: state[_factor_key(d)] for d in dims}
+        factors = {d: state[factor_key(d)] for d in dims}
         old = {d: state[_basis_key(d)] for d in dims}
         changed_bases, changed_mask, orders = self.new_bases(group, factors, old)
         if not changed_bases:

@@ -14,6 +14,11 @@ from collections.abc import Mapping
 import torch
 
 
+def factor_key(dim: int) -> str:
+    """The state key of the Kronecker factor of block dimension ``dim``."""
+    return f"factor{dim}"
+
+
 def _split(shape: torch.Size, dim: int) -> tuple[int, int, int]:
     block = shape[1:]
     return math.prod(block[:dim]), block[dim], math.prod(block[dim + 1 :])

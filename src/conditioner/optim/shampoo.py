@@ -16,7 +16,7 @@ import torch
 from conditioner.blocks import Stack
 from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, choice, count, flag, in_range, optional
-from conditioner.optim.kronecker import apply_along, block_norms, fold_in, unfold
+from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
 ROOT_METHODS = ("eigh", "newton")
@@ -24,10 +24,6 @@ ROOT_METHODS = ("eigh", "newton")
 
 def _root_key(dim: int) -> str:
     return f"root{dim}"
-
-
-def _factor_key(dim: int) -> str:
-    return f"factor{dim}"
 
 
 class Shampoo(StackedOptimizer):
@@ -126,7 +122,7 @@ class Shampoo(StackedOptimizer):
             state["graft_sq"] = torch.zeros_like(grad)
         for dim in dims:
             d = stack.shape[dim]
-            state[_factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
+            state[factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
             state[_root_key(dim)] = torch.eye(d, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], d, d).clone()
         return state
 
@@ -154,7 +150,7 @@ class Shampoo(StackedOptimizer):
         p = group["exponent_override"] or 2 * len(dims)
         refreshes = state["refreshes"].clone()
         for position, d in enumerate(dims):
-            factor = state[_factor_key(d)] / correction
+            factor = state[factor_key(d)] / correction
             if group["root_method"] == "newton":
                 root = inverse_root_newton(factor, int(p), group["epsilon"])
                 ok = torch.isfinite(root).flatten(1).all(1)
@@ -181,7 +177,7 @@ class Shampoo(StackedOptimizer):
             else:
                 momentum = state["exp_avg"] / (1.0 - beta1**t)
         graft = self._graft_direction(group, state, grad, momentum, t)
-        folds = {_factor_key(d): (unfold(grad, d), beta2) for d in dims}
+        folds = {factor_key(d): (unfold(grad, d), beta2) for d in dims}
         start = group["start_preconditioning_step"]
         refresh = bool(dims) and t >= start and (t - start) % group["precondition_frequency"] == 0
         result = StackResult(state, scale=group["lr"])
