@@ -1,0 +1,262 @@
+"""K-FAC and EK-FAC against dense float64 references built independently with explicit Jacobians.
+
+The exactness cases are the known identities: on deep LINEAR networks with MSE loss every
+per-example output Jacobian of a layer is the same matrix, so ``Σ_n S_n ⊗ A_n = S ⊗ A`` and K-FAC
+IS the block-diagonal GGN (for "expand" when each weight-sharing position has its own loss term,
+for "reduce" when positions are averaged before the output). Those comparisons are asserted at
+1e-10 relative: the float64 computations differ only in summation order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from conditioner.curvature import EKFAC, KFAC
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXACT = dict(rtol=1e-10, atol=1e-12)
+
+
+class ChannelsLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class MeanOverPositions(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
+def dense_ggn(model: nn.Module, loss_function: nn.Module, data, params: list[torch.Tensor]) -> torch.Tensor:
+    """``c · Jᵀ H J`` over all data, from the explicit Jacobian of the stacked outputs."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    inputs = torch.cat([x for x, _ in data])
+    targets = torch.cat([y for _, y in data])
+
+    def outputs(*values):
+        return functional_call(model, dict(zip(keys, values)), (inputs,))
+
+    out = outputs(*params)
+    classes = out.shape[-1]
+    rows = out.reshape(-1, classes).detach()
+    jacobians = jacrev(outputs, argnums=tuple(range(len(params))))(*params)
+    jacobian = torch.cat([j.reshape(rows.numel(), -1) for j in jacobians], dim=1)
+    if isinstance(loss_function, nn.MSELoss):
+        hessian = 2.0 * torch.eye(rows.numel(), dtype=rows.dtype)
+        scale = 1.0 / rows.numel() if loss_function.reduction == "mean" else 1.0
+    else:
+        p = rows.softmax(-1)
+        hessian = torch.block_diag(*[torch.diag(q) - torch.outer(q, q) for q in p])
+        scale = 1.0 / rows.shape[0] if loss_function.reduction == "mean" else 1.0
+    del targets
+    return scale * jacobian.T @ hessian @ jacobian
+
+
+def block_diagonal(matrix: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    mask = torch.block_diag(*[torch.ones(s, s, dtype=torch.bool) for s in sizes])
+    return torch.where(mask, matrix, torch.zeros_like(matrix))
+
+
+def layer_sizes(operator: KFAC) -> list[int]:
+    return [sum(p.numel() for p in block.layer.params) for block in operator.blocks]
+
+
+def batches_of(inputs: torch.Tensor, targets: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(zip(inputs.split(sizes), targets.split(sizes)))
+
+
+def regression_data(shape: tuple[int, ...], outputs: tuple[int, ...], sizes=(5, 3, 4), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, *shape, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, *outputs, generator=generator, dtype=torch.float64)
+    return batches_of(x, y, list(sizes))
+
+
+def assert_kfac_exact(model: nn.Module, loss_function: nn.Module, data, **options) -> None:
+    for operator_type in (KFAC, EKFAC):
+        operator = operator_type(model, loss_function, data, **options)
+        exact = block_diagonal(dense_ggn(model, loss_function, data, operator.params), layer_sizes(operator))
+        torch.testing.assert_close(operator.to_dense(), exact, **EXACT)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kfac_is_the_block_ggn_of_a_deep_linear_network(reduction: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3, bias=False), nn.Linear(3, 2)).double()
+    assert_kfac_exact(model, nn.MSELoss(reduction=reduction), regression_data((4,), (2,)))
+
+
+def test_expand_is_exact_when_every_position_has_its_own_loss() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    assert_kfac_exact(model, nn.MSELoss(), regression_data((6, 3), (6, 2)), weight_sharing="expand")
+
+
+def test_reduce_is_exact_when_positions_are_averaged_before_the_output() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), MeanOverPositions(), nn.Linear(4, 2)).double()
+    assert_kfac_exact(model, nn.MSELoss(reduction="sum"), regression_data((5, 3), (2,)), weight_sharing="reduce")
+
+
+def test_conv2d_patches_with_stride_padding_and_dilation_are_exact() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=2, dilation=2),
+        nn.Conv2d(3, 2, kernel_size=1),
+        ChannelsLast(),
+    ).double()
+    assert_kfac_exact(model, nn.MSELoss(), regression_data((2, 7, 6), (4, 3, 2)))
+
+
+def test_grouped_conv2d_is_exact_within_each_group() -> None:
+    torch.manual_seed(4)
+    grouped = nn.Conv2d(4, 6, kernel_size=(2, 3), padding=1, groups=2)
+    model = nn.Sequential(grouped, nn.Conv2d(6, 2, kernel_size=1), ChannelsLast()).double()
+    data = regression_data((4, 5, 5), (6, 5, 2))
+    operator = KFAC(model, nn.MSELoss(), data)
+    exact = dense_ggn(model, nn.MSELoss(), data, operator.params)
+    # Group of every entry of [weight, bias] of the grouped layer; other layers are their own group.
+    per_group_weight = grouped.weight.numel() // 2
+    groups = torch.cat(
+        [
+            torch.arange(grouped.weight.numel()) // per_group_weight,
+            torch.arange(6) // 3,
+            torch.full((sum(p.numel() for p in model[1].parameters()),), 2),
+        ]
+    )
+    within = groups[:, None] == groups[None, :]
+    torch.testing.assert_close(operator.to_dense(), torch.where(within, exact, torch.zeros_like(exact)), **EXACT)
+
+
+def test_embedding_followed_by_linear_is_exact() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Linear(3, 2)).double()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (9, 4), generator=generator)
+    targets = torch.randn(9, 4, 2, generator=generator, dtype=torch.float64)
+    assert_kfac_exact(model, nn.MSELoss(), batches_of(tokens, targets, [4, 5]))
+
+
+def nonlinear_classifier() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,), generator=generator)
+    return model, batches_of(x, y, [10, 12, 8])
+
+
+def test_ekfac_is_closer_to_the_block_ggn_than_kfac_on_a_nonlinear_network() -> None:
+    model, data = nonlinear_classifier()
+    kfac = KFAC(model, nn.CrossEntropyLoss(), data)
+    ekfac = EKFAC(model, nn.CrossEntropyLoss(), data)
+    exact = block_diagonal(dense_ggn(model, nn.CrossEntropyLoss(), data, kfac.params), layer_sizes(kfac))
+    kfac_error = torch.linalg.norm(kfac.to_dense() - exact)
+    ekfac_error = torch.linalg.norm(ekfac.to_dense() - exact)
+    assert ekfac_error < kfac_error
+    # The corrected eigenvalues are the diagonal of the exact block in the Kronecker basis.
+    block = ekfac.blocks[1]
+    basis = torch.kron(block.row_basis[0], block.col_basis[0])
+    start = layer_sizes(ekfac)[0]
+    exact_block = exact[start:, start:]
+    weight_then_bias = torch.cat([torch.arange(24).reshape(4, 6), torch.arange(24, 28)[:, None]], dim=1).flatten()
+    in_matrix_order = exact_block[weight_then_bias][:, weight_then_bias]
+    torch.testing.assert_close(torch.diagonal(basis.T @ in_matrix_order @ basis), block.eigenvalues[0].flatten(), **EXACT)
+
+
+def test_sampled_fisher_approaches_the_exact_factors() -> None:
+    model, data = nonlinear_classifier()
+    exact = KFAC(model, nn.CrossEntropyLoss(), data)
+    sampled = KFAC(
+        model, nn.CrossEntropyLoss(), data, fisher_type="sample", samples=4000, generator=torch.Generator().manual_seed(0)
+    )
+    for e, s in zip(exact.blocks, sampled.blocks):
+        torch.testing.assert_close(s.col_factor, e.col_factor, rtol=0, atol=0)
+        # Monte-Carlo error of a mean of 4000 × 30 terms: a few percent of the factor's scale.
+        assert torch.linalg.norm(s.row_factor - e.row_factor) < 0.05 * torch.linalg.norm(e.row_factor)
+
+
+def test_empirical_fisher_ekfac_eigenvalues_match_per_example_gradients() -> None:
+    model, data = nonlinear_classifier()
+    ekfac = EKFAC(model, nn.CrossEntropyLoss(reduction="sum"), data, fisher_type="empirical")
+    layer = model[2]
+    gradients = []
+    for x, y in data:
+        for xi, yi in zip(x, y):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(xi[None]), yi[None], reduction="sum").backward()
+            gradients.append(torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1))
+    block = ekfac.blocks[1]
+    rotated = block.row_basis[0].T @ torch.stack(gradients) @ block.col_basis[0]
+    torch.testing.assert_close(block.eigenvalues[0], rotated.square().sum(0), **EXACT)
+
+
+def test_inverse_trace_and_logdet_agree_with_the_dense_matrix() -> None:
+    model, data = nonlinear_classifier()
+    for operator in (KFAC(model, nn.CrossEntropyLoss(), data), EKFAC(model, nn.CrossEntropyLoss(), data)):
+        dense = operator.to_dense()
+        damping = 1e-2
+        damped = dense + damping * torch.eye(operator.dim, dtype=dense.dtype)
+        # (B + λI)⁻¹ has entries up to 1/λ = 100: relative 1e-10 leaves room for the rounding of both.
+        torch.testing.assert_close(operator.inverse(damping).to_dense() @ damped, torch.eye(operator.dim, dtype=dense.dtype), rtol=0, atol=1e-9)
+        torch.testing.assert_close(operator.trace(), torch.trace(dense), **EXACT)
+        torch.testing.assert_close(operator.logdet(damping), torch.linalg.slogdet(damped)[1], **EXACT)
+
+
+def test_vector_forms_agree() -> None:
+    model, data = nonlinear_classifier()
+    operator = EKFAC(model, nn.CrossEntropyLoss(), data)
+    generator = torch.Generator().manual_seed(2)
+    flat = torch.randn(operator.dim, 3, generator=generator, dtype=torch.float64)
+    as_matrix = operator @ flat
+    as_vector = operator @ flat[:, 0]
+    as_list = operator @ [t.squeeze(0) for t in operator.unflatten(flat[:, :1])]
+    torch.testing.assert_close(as_vector, as_matrix[:, 0], **EXACT)
+    torch.testing.assert_close(operator.flatten([t.unsqueeze(0) for t in as_list])[:, 0], as_vector, **EXACT)
+
+
+def test_unsupported_layers_are_listed_by_name_and_skipped_on_request() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    data = regression_data((3,), (2,))
+    with pytest.raises(ValueError, match=r"1 \(LayerNorm"):
+        KFAC(model, nn.MSELoss(), data)
+    operator = KFAC(model, nn.MSELoss(), data, skip_unsupported=True)
+    assert [block.layer.name for block in operator.blocks] == ["0", "2"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"fisher_type": "true"}, "fisher_type"),
+        ({"weight_sharing": "tile"}, "weight_sharing"),
+        ({"samples": 0}, "samples"),
+    ],
+)
+def test_bad_options_are_named(options: dict, message: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match=message):
+        KFAC(model, nn.MSELoss(), regression_data((3,), (2,)), **options)
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    data = regression_data((3,), (2,))
+    with pytest.raises(ValueError, match="yielded no batches"):
+        KFAC(model, nn.MSELoss(), [])
+    with pytest.raises(TypeError, match="loss_function"):
+        KFAC(model, nn.L1Loss(), data)
+    frozen = nn.Sequential(nn.Linear(3, 2)).double().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        KFAC(frozen, nn.MSELoss(), data)
+    operator = KFAC(model, nn.MSELoss(), data)
+    for damping in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="damping"):
+            operator.inverse(damping)
