@@ -12,7 +12,15 @@ locations) are either extra examples (``"expand"``) or summed into each example
 
 EK-FAC keeps the Kronecker eigenbasis ``Q_R ⊗ Q_C`` and replaces the eigenvalues ``λ_R λ_Cᵀ`` by
 ``Λ = c · Σ_n (Q_Rᵀ G_n Q_C)^⊙2`` over per-example gradients ``G_n``: the diagonal of the exact
-curvature block in that basis, which needs a second pass over the data. Eigendecompositions go
+curvature block in that basis, which needs a second pass over the data. An example is whatever
+owns one output row: a whole input when the model emits one row per input (its gradient sums
+over the weight-sharing positions), one position when it emits a row per position (a sequence
+model with a loss term per position).
+
+The ``"exact"`` cotangents of all rows of a batch are backpropagated together, one column of the
+output Hessian's square root at a time. That is exact when each layer position reaches the loss
+through its own row only (MLPs, convolutional classifiers, position-wise layers); where layers
+mix positions (attention) it adds cross-row terms, as other K-FAC implementations do. Eigendecompositions go
 through the engine (:func:`conditioner.linalg.safe_eigh`), one batched call per factor size.
 """
 
@@ -293,7 +301,8 @@ class EKFAC(KFAC):
     def _factor_blocks(self, layers: list[Layer]) -> list[KroneckerBlock]:
         blocks = super()._factor_blocks(layers)
         corrections = [torch.zeros_like(block.eigenvalues) for block in blocks]
-        for _, _, captured in self._passes(layers, "EK-FAC eigenvalues"):
+        for rows, _, captured in self._passes(layers, "EK-FAC eigenvalues"):
+            per_position = rows > captured[0].inputs.shape[1]
             for block, item, correction in zip(blocks, captured, corrections):
                 input_basis, gradient_basis = (
                     (block.col_basis, block.row_basis) if block.layer.input_side == "cols" else (block.row_basis, block.col_basis)
@@ -301,7 +310,7 @@ class EKFAC(KFAC):
                 a = item.inputs @ input_basis.unsqueeze(1)
                 for gradient in item.gradients:
                     g = gradient @ gradient_basis.unsqueeze(1)
-                    squares = _squared_example_gradients(g, a, self.weight_sharing)
+                    squares = _squared_example_gradients(g, a, per_position)
                     correction += squares if block.layer.input_side == "cols" else squares.mT
         for block, correction in zip(blocks, corrections):
             block.eigenvalues = self.scale * correction
@@ -311,11 +320,11 @@ class EKFAC(KFAC):
         return KroneckerOperator._matmat(self, vectors)
 
 
-def _squared_example_gradients(g: torch.Tensor, a: torch.Tensor, weight_sharing: WeightSharing) -> torch.Tensor:
-    """``Σ_n (Σ_t g_nt a_ntᵀ)^⊙2`` for rotated sides ``(G, N, T, d)``, shape ``(G, d_g, d_a)``. With
-    ``"expand"`` (or one position) every ``(n, t)`` is its own example and the sum collapses to
-    one matrix product; otherwise per-example gradients are formed a chunk of examples at a time."""
-    if weight_sharing == "expand" or g.shape[2] == 1:
+def _squared_example_gradients(g: torch.Tensor, a: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """``Σ_n (Σ_t g_nt a_ntᵀ)^⊙2`` for rotated sides ``(G, N, T, d)``, shape ``(G, d_g, d_a)``. When
+    every position is its own example (or there is one position) the sum collapses to one matrix
+    product; otherwise per-example gradients are formed a chunk of examples at a time."""
+    if per_position or g.shape[2] == 1:
         g, a = g.flatten(1, 2), a.flatten(1, 2)
         return g.square().mT @ a.square()
     per_example = g.shape[0] * g.shape[-1] * a.shape[-1]
