@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     from conditioner.bench.command import add_parser as add_bench
+    from conditioner.curvature.command import add_parser as add_spectrum
 
     add_bench(commands)
+    add_spectrum(commands)
     return parser
 
 

@@ -26,7 +26,7 @@ through the engine (:func:`conditioner.linalg.safe_eigh`), one batched call per 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,7 +64,7 @@ class KroneckerBlock:
 
 
 @dataclass
-class _Captured:
+class Captured:
     """One layer's input side and its gradient side per cotangent, each ``(G, N, T, d)``."""
 
     layer: Layer
@@ -90,22 +90,18 @@ def _recording(layers: list[Layer]) -> Iterator[dict[int, list[tuple[torch.Tenso
             handle.remove()
 
 
-def _capture(
+def capture(
     model: nn.Module,
     layers: list[Layer],
-    spec: LossSpec,
     inputs: torch.Tensor,
-    targets: torch.Tensor,
-    fisher_type: FisherType,
-    samples: int,
-    generator: torch.Generator | None,
-) -> tuple[int, int, list[_Captured]]:
-    """Run one batch forward and backward once per cotangent; return its row count, the output
-    width and every layer's captured sides."""
+    cotangents_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, list[Captured]]:
+    """Run one batch forward, then backward once per output cotangent. ``cotangents_of(output)``
+    returns the output's rows ``(R, C)`` (still attached to the graph) and cotangents
+    ``(K, R, C)``. Returns the rows and every layer's input side and gradient sides."""
     with torch.enable_grad(), _recording(layers) as calls:
         output = model(inputs)
-    rows, row_targets = spec.rows(output, targets)
-    cotangents = spec.cotangents(rows, row_targets, fisher_type, samples, generator)
+        rows, cotangents = cotangents_of(output)
     outputs = [out for i in range(len(layers)) for _, out in calls[i]]
     gradients: list[list[torch.Tensor]] = [[] for _ in layers]
     for k, cotangent in enumerate(cotangents):
@@ -121,10 +117,10 @@ def _capture(
             position += len(calls[i])
             gradients[i].append(torch.cat(per_call, dim=2))
     captured = [
-        _Captured(layer, torch.cat([layer.inputs(x) for x, _ in calls[i]], dim=2), gradients[i])
+        Captured(layer, torch.cat([layer.inputs(x) for x, _ in calls[i]], dim=2), gradients[i])
         for i, layer in enumerate(layers)
     ]
-    return rows.shape[0], rows.shape[1], captured
+    return rows.detach(), captured
 
 
 def _shared(side: torch.Tensor, weight_sharing: WeightSharing, reduce: str) -> torch.Tensor:
@@ -216,7 +212,7 @@ class KFAC(KroneckerOperator):
     distribution), ``"sample"`` (``samples`` labels drawn per row from it) or ``"empirical"``
     (the data's labels). ``weight_sharing``: ``"expand"`` or ``"reduce"``. Modules with
     trainable parameters that are not Linear, Conv2d or Embedding are an error listing them,
-    unless ``skip_unsupported``.
+    unless ``skip_unsupported``; ``modules`` restricts the operator to the named modules.
     """
 
     def __init__(
@@ -228,6 +224,7 @@ class KFAC(KroneckerOperator):
         samples: int = 1,
         weight_sharing: WeightSharing = "expand",
         skip_unsupported: bool = False,
+        modules: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> None:
@@ -245,15 +242,18 @@ class KFAC(KroneckerOperator):
         self.weight_sharing = weight_sharing
         self.generator = generator
         self.progress = progress
-        layers = find_layers(model, skip_unsupported)
+        layers = find_layers(model, skip_unsupported, modules)
         super().__init__([p for layer in layers for p in layer.params])
         self.blocks = self._factor_blocks(layers)
 
-    def _passes(self, layers: list[Layer], description: str) -> Iterator[tuple[int, int, list[_Captured]]]:
+    def _passes(self, layers: list[Layer], description: str) -> Iterator[tuple[int, int, list[Captured]]]:
         for inputs, targets in tqdm(batches(self.data), desc=description, disable=not self.progress, leave=False):
-            yield _capture(
-                self.model, layers, self.spec, inputs, targets, self.fisher_type, self.samples, self.generator
-            )
+            def cotangents_of(output: torch.Tensor, targets: torch.Tensor = targets) -> tuple[torch.Tensor, torch.Tensor]:
+                rows, row_targets = self.spec.rows(output, targets)
+                return rows, self.spec.cotangents(rows, row_targets, self.fisher_type, self.samples, self.generator)
+
+            rows, captured = capture(self.model, layers, inputs, cotangents_of)
+            yield rows.shape[0], rows.shape[1], captured
 
     def _factor_blocks(self, layers: list[Layer]) -> list[KroneckerBlock]:
         input_sums = [None] * len(layers)

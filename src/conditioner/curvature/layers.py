@@ -17,6 +17,7 @@ the other the gradient of the loss with respect to the layer's output:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,17 +113,25 @@ class Layer:
         return gradient.reshape(n, -1, gradient.shape[-1]).unsqueeze(0)
 
 
-def find_layers(model: nn.Module, skip_unsupported: bool) -> list[Layer]:
-    """The model's supported layers with trainable parameters. Modules with trainable parameters
-    K-FAC cannot handle are an error that lists them by name, unless ``skip_unsupported``."""
+def find_layers(model: nn.Module, skip_unsupported: bool, modules: Sequence[str] | None = None) -> list[Layer]:
+    """The model's supported layers with trainable parameters (only those named in ``modules``
+    when given). Modules with trainable parameters K-FAC cannot handle are an error that lists
+    them by name, unless ``skip_unsupported``."""
+    named = dict(model.named_modules())
+    if modules is not None:
+        unknown = [m for m in modules if m not in named]
+        if unknown or not modules:
+            raise ValueError(f"modules: {unknown or 'an empty list'} not among the model's modules {list(named)[1:]}")
     layers: list[Layer] = []
     unsupported: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in named.items():
+        if modules is not None and name not in modules:
+            continue
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         reason = unsupported_reason(module)
         if reason is None:
-            layers.append(Layer.of(name or type(module).__name__, module))
+            layers.append(Layer.of(name, module))
         else:
             unsupported.append(f"{name or '(root)'} ({reason})")
     if unsupported and not skip_unsupported:
