@@ -5,9 +5,10 @@ factors and the same refresh decisions. Refreshing every factor on every rank wo
 most expensive part of the step ``world_size`` times. :class:`SpreadRefresh` instead assigns each
 (block, factor) of a stack to one rank by longest-processing-time first on the estimated cost
 ``d³``, lets each rank decompose its share with the optimizer's own, unchanged refresh function,
-packs all its results into one flat buffer and exchanges the buffers with ONE
-``all_gather_into_tensor`` per stack refreshed. Loads carry over from stack to stack within an
-optimizer step (and are reset at the start of each step), so the step as a whole is balanced.
+packs all its results into one flat buffer and exchanges the buffers with ONE all-gather
+(``all_gather_single``, formerly ``all_gather_into_tensor``) per stack refreshed. Loads carry
+over from stack to stack within an optimizer step (and are reset at the start of each step), so
+the step as a whole is balanced.
 
 Nothing here is specific to a backend: the same code runs on gloo (CPU) and NCCL (GPU).
 """
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from conditioner.distributed.assignment import assign_lpt, decomposition_cost
 
 Spec = tuple[tuple[int, ...], torch.dtype]
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); keep older torch working
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Task(NamedTuple):
@@ -89,7 +92,7 @@ class SpreadRefresh:
             offset += packed.numel()
             self.computed += len(mine)
         received = first.new_empty(longest * self.world_size, dtype=dtype)
-        dist.all_gather_into_tensor(received, send, group=self.process_group)
+        _all_gather_single(received, send, group=self.process_group)
         self.exchanges += 1
         return self._unpack(tasks, keys, owned, width, received.view(self.world_size, longest))
 
