@@ -19,15 +19,26 @@ STEPS = 8
 ROWS = 12  # divisible by 1, 2 and 3 ranks
 
 OPTIMIZERS = {
-    "SOAP": lambda p: SOAP(p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=2, max_precond_dim=8,
-                           split_large_dims=True),
-    "ECS": lambda p: EigenvalueCorrectedShampoo(p, lr=1e-2, precondition_frequency=2, max_precond_dim=8,
-                                                merge_dims=False),
+    "SOAP": lambda p: SOAP(
+        p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=2, max_precond_dim=8, split_large_dims=True
+    ),
+    "ECS": lambda p: EigenvalueCorrectedShampoo(
+        p, lr=1e-2, precondition_frequency=2, max_precond_dim=8, merge_dims=False
+    ),
     "ECS-adaptive-qr": lambda p: EigenvalueCorrectedShampoo(
-        p, lr=1e-2, precondition_frequency=1, max_precond_dim=8, merge_dims=False, refresh="adaptive",
-        tolerance=0.05, refresh_method="qr", max_qr_iterations=2),
-    "Shampoo": lambda p: Shampoo(p, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2,
-                                 max_preconditioner_dim=8, merge_dims=False),
+        p,
+        lr=1e-2,
+        precondition_frequency=1,
+        max_precond_dim=8,
+        merge_dims=False,
+        refresh="adaptive",
+        tolerance=0.05,
+        refresh_method="qr",
+        max_qr_iterations=2,
+    ),
+    "Shampoo": lambda p: Shampoo(
+        p, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, max_preconditioner_dim=8, merge_dims=False
+    ),
 }
 
 

@@ -53,8 +53,12 @@ def optimizer_entries(optimizer: torch.optim.Optimizer, process_group: Any = Non
     return entries
 
 
-def save(checkpoint_id: str | os.PathLike, optimizer: torch.optim.Optimizer, model: nn.Module | None = None,
-         process_group: Any = None) -> None:
+def save(
+    checkpoint_id: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None = None,
+    process_group: Any = None,
+) -> None:
     """Save ``optimizer``'s state (and ``model``'s) to the directory ``checkpoint_id``; a collective:
     every rank of ``process_group`` calls it."""
     entries = optimizer_entries(optimizer, process_group)
@@ -63,8 +67,12 @@ def save(checkpoint_id: str | os.PathLike, optimizer: torch.optim.Optimizer, mod
     dcp.save(entries, checkpoint_id=checkpoint_id, process_group=process_group)
 
 
-def load(checkpoint_id: str | os.PathLike, optimizer: torch.optim.Optimizer, model: nn.Module | None = None,
-         process_group: Any = None) -> int:
+def load(
+    checkpoint_id: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None = None,
+    process_group: Any = None,
+) -> int:
     """Load a checkpoint written by :func:`save` into ``optimizer`` (and ``model``), on any number
     of ranks; a collective. Returns the world size the checkpoint was saved with. Like
     ``torch.load`` of a full checkpoint, this unpickles: load only checkpoints you trust."""

@@ -143,7 +143,9 @@ class SpreadRefresh:
             return new.get(dim, basis), changed.get(dim, unchanged), orders.get(dim, identity)
 
         tasks = {
-            d: Task((f, bases[d]), (((n, n), bases[d].dtype), ((), torch.int64), ((n,), torch.int64)), decomposition_cost(n))
+            d: Task(
+                (f, bases[d]), (((n, n), bases[d].dtype), ((), torch.int64), ((n,), torch.int64)), decomposition_cost(n)
+            )
             for d, f in factors.items()
             for n in [f.shape[-1]]
         }
