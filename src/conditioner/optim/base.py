@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from conditioner.blocks import BlockPolicy, Stack, build_stacks
+from conditioner.distributed.sharded import ShardedUpdates, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ class StackedOptimizer(torch.optim.Optimizer):
     checks: dict[str, Check] = COMMON_CHECKS
     #: the name of the option that bounds a factor's dimension (each paper's own spelling)
     max_dim_option = "max_precond_dim"
+    #: computes the per-block decompositions of a refresh; None: all on this process, else a
+    #: :class:`conditioner.distributed.SpreadRefresh` that spreads them over ranks
+    executor: Any = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self.validate(defaults)
@@ -223,7 +227,7 @@ class StackedOptimizer(torch.optim.Optimizer):
             if not any(has_grad):
                 continue
             dtype = statistics_dtype(params, group.get("state_dtype"))
-            grads = [p.grad if p.grad is not None else p for p in params]
+            grads = [full_tensor(p.grad) if p.grad is not None else p for p in params]
             for stack in self.layout(group_index):
                 key = self.stack_key(group_index, stack)
                 for members in self._cohorts(key, stack, has_grad):
@@ -279,6 +283,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         """Write the new state, fold the gradients into the factors, apply the updates and decay."""
         moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         decayed: dict[int, tuple[torch.Tensor, float]] = {}
+        sharded = ShardedUpdates()
         for item in pending:
             result = item.result
             stored = self.state.setdefault(item.key, {})
@@ -300,7 +305,8 @@ class StackedOptimizer(torch.optim.Optimizer):
             if result.update is None:
                 continue
             params = item.group["params"]
-            views = item.stack.views(params, item.members)
+            tensors = sharded.targets(params, [item.stack.blocks[m].param_index for m in item.members])
+            views = item.stack.views(tensors, item.members)
             targets, updates = moves.setdefault(-result.scale, ([], []))
             targets.extend(views)
             updates.extend(u.to(v.dtype) for u, v in zip(result.update.unbind(0), views))
@@ -310,10 +316,11 @@ class StackedOptimizer(torch.optim.Optimizer):
                 decayed[id(p)] = (p, factor)
         for alpha, (targets, updates) in moves.items():
             torch._foreach_add_(targets, updates, alpha=alpha)
+        sharded.apply()
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
             if factor != 1.0:
-                by_factor.setdefault(factor, []).append(p)
+                by_factor.setdefault(factor, []).append(local_tensor(p))
         for factor, params in by_factor.items():
             torch._foreach_mul_(params, factor)
 

@@ -13,6 +13,7 @@ plain Adam. SOAP and EigenvalueCorrectedShampoo differ only in the choices gathe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -128,7 +129,10 @@ class EigenAdam(StackedOptimizer):
     def _refresh(self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor]) -> None:
         factors = {d: state[factor_key(d)] for d in dims}
         old = {d: state[_basis_key(d)] for d in dims}
-        changed_bases, changed_mask, orders = self.new_bases(group, factors, old)
+        if self.executor is None:
+            changed_bases, changed_mask, orders = self.new_bases(group, factors, old)
+        else:
+            changed_bases, changed_mask, orders = self.executor.new_bases(partial(self.new_bases, group), factors, old)
         if not changed_bases:
             return
         old_changed = {d: old[d] for d in changed_bases}

@@ -9,6 +9,7 @@ method: ``U ← U · ‖U_graft‖ / ‖U‖`` (ALGORITHMS.md §1).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -148,19 +149,28 @@ class Shampoo(StackedOptimizer):
         beta2 = group["betas"][1]
         correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**t
         p = group["exponent_override"] or 2 * len(dims)
+        factors = {d: state[factor_key(d)] / correction for d in dims}
+        compute = partial(self._inverse_root, group, p)
+        if self.executor is None:
+            roots = {d: compute(factor) for d, factor in factors.items()}
+        else:
+            roots = self.executor.inverse_roots(compute, factors)
         refreshes = state["refreshes"].clone()
         for position, d in enumerate(dims):
-            factor = state[factor_key(d)] / correction
-            if group["root_method"] == "newton":
-                root = inverse_root_newton(factor, int(p), group["epsilon"])
-                ok = torch.isfinite(root).flatten(1).all(1)
-            else:
-                eig = safe_eigh(factor)
-                root = inverse_root_from_eigh(eig.eigenvalues, eig.eigenvectors, p, group["epsilon"]).to(factor.dtype)
-                ok = ~eig.failed & torch.isfinite(root).flatten(1).all(1)
+            root, ok = roots[d]
             state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
             refreshes[:, position] += ok.to(refreshes.dtype)
         state["refreshes"] = refreshes
+
+    @staticmethod
+    def _inverse_root(group: dict[str, Any], p: float, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F + εI)^(-1/p)`` of each factor in the stack and whether it can be trusted."""
+        if group["root_method"] == "newton":
+            root = inverse_root_newton(factor, int(p), group["epsilon"])
+            return root, torch.isfinite(root).flatten(1).all(1)
+        eig = safe_eigh(factor)
+        root = inverse_root_from_eigh(eig.eigenvalues, eig.eigenvectors, p, group["epsilon"]).to(factor.dtype)
+        return root, ~eig.failed & torch.isfinite(root).flatten(1).all(1)
 
     def stack_step(
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int

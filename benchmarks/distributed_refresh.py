@@ -1,0 +1,137 @@
+"""Time of one refresh step on 1 and 2 processes, and optimizer-state bytes per rank.
+
+The model has many blocks: ``--layers`` linear layers ``width × width`` split into blocks of
+``--block`` (default 8 layers of 512 split at 256: 32 blocks, 64 factors of 256 × 256). Every
+rank gets the same fixed gradients (as after DDP's all-reduce), so only ``optimizer.step()`` is
+measured: eigenvalue-corrected Shampoo with an ``eigh`` refresh at every second step. A step is
+timed between two barriers; the median over ``--repeats`` refresh steps (and ordinary steps) is
+reported, with the CPU time each rank spent in the step (``time.process_time``, which other
+processes on a busy machine do not inflate). Each process uses ``--threads`` intra-op threads
+(1: the ranks do not compete for cores).
+
+State bytes: measured per rank (the state is replicated); "sharded" is the projection for
+ZeRO-1-style sharding by the same LPT assignment of blocks (each rank keeping only the state of
+the blocks it owns), which conditioner does not implement.
+
+Usage: python benchmarks/distributed_refresh.py [--ranks 1 2] [--layers 8] [--width 512]
+                                                [--block 256] [--repeats 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conditioner import EigenvalueCorrectedShampoo
+from conditioner.distributed import assign_lpt, decomposition_cost, spread_refresh
+
+
+def _model(args: argparse.Namespace) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(args.width, args.width, bias=False) for _ in range(args.layers)])
+
+
+def _sharded_bytes(optimizer: EigenvalueCorrectedShampoo, world: int) -> list[int]:
+    """Per-rank state bytes if each rank kept only the blocks LPT gives it (cost: Σ d³ per block)."""
+    items, sizes = [], []
+    for g, _ in enumerate(optimizer.param_groups):
+        for stack in optimizer.layout(g):
+            state = optimizer.state[optimizer.stack_key(g, stack)]
+            per_block = sum(v[0].numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+            cost = sum(decomposition_cost(stack.shape[d]) for d in stack.preconditioned_dims) or 1.0
+            items += [cost] * len(stack.blocks)
+            sizes += [per_block] * len(stack.blocks)
+    owners = assign_lpt(items, [0.0] * world)
+    return [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(world)]
+
+
+def _worker(rank: int, world: int, store: str, out: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = _model(args)
+    optimizer = EigenvalueCorrectedShampoo(model.parameters(), precondition_frequency=2, max_precond_dim=args.block)
+    executor = spread_refresh(optimizer) if world > 1 else None
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g) for p in model.parameters()] for _ in range(4)]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    for step in range(2 + 2 * args.repeats):
+        for p, grad in zip(model.parameters(), grads[step % 4]):
+            p.grad = grad
+        refresh = (step + 1) % 2 == 0  # t = step + 1; the basis is refreshed when t % 2 == 0
+        dist.barrier()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        optimizer.step()
+        busy = time.process_time() - start_cpu
+        dist.barrier()
+        if step >= 2:
+            times[refresh].append(time.perf_counter() - start)
+            cpu[refresh].append(busy)
+    cpu_per_rank: list[dict] = [{}] * world
+    dist.all_gather_object(cpu_per_rank, {k: statistics.median(v) for k, v in cpu.items()})
+    result = {
+        "ranks": world,
+        "threads": args.threads,
+        "refresh_step_s": statistics.median(times[True]),
+        "ordinary_step_s": statistics.median(times[False]),
+        "refresh_step_cpu_s_per_rank": [c[True] for c in cpu_per_rank],
+        "ordinary_step_cpu_s_per_rank": [c[False] for c in cpu_per_rank],
+        "blocks": sum(len(s.blocks) for s in optimizer.layout(0)),
+        "factor_refreshes": optimizer.total_refreshes(),
+        "computed_here": executor.computed if executor else optimizer.total_refreshes(),
+        "exchanges": executor.exchanges if executor else 0,
+        "state_bytes_per_rank": optimizer.state_bytes(),
+        "sharded_state_bytes_per_rank": _sharded_bytes(optimizer, world),
+    }
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    import torch.multiprocessing as mp
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in args.ranks:
+            out = os.path.join(tmp, f"{world}.json")
+            store = os.path.join(tmp, f"store{world}")
+            mp.start_processes(_worker, args=(world, store, out, args), nprocs=world, start_method="spawn")
+            with open(out) as f:
+                results.append(json.load(f))
+            r = results[-1]
+            print(
+                f"{world} rank(s) × {args.threads} thread(s): refresh step {r['refresh_step_s'] * 1e3:.0f} ms "
+                f"(CPU per rank {', '.join(f'{c * 1e3:.0f}' for c in r['refresh_step_cpu_s_per_rank'])} ms), "
+                f"ordinary step {r['ordinary_step_s'] * 1e3:.0f} ms "
+                f"(CPU {', '.join(f'{c * 1e3:.0f}' for c in r['ordinary_step_cpu_s_per_rank'])} ms); "
+                f"{r['blocks']} blocks; factors decomposed "
+                f"on rank 0: {r['computed_here']} of {r['factor_refreshes']}; all-gathers: {r['exchanges']}; "
+                f"state bytes per rank {r['state_bytes_per_rank']:,} (projected sharded: "
+                f"{', '.join(f'{b:,}' for b in r['sharded_state_bytes_per_rank'])})"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

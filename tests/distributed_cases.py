@@ -1,0 +1,174 @@
+"""The runs of test_distributed: one model, the optimizers, and the worker every spawned rank runs.
+
+Imported by the spawned processes (multiprocessing passes the parent's ``sys.path`` on, so this
+module and ``conditioner`` are found the same way as in the test process).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conditioner import SOAP, EigenvalueCorrectedShampoo, Shampoo
+
+STEPS = 8
+ROWS = 12  # divisible by 1, 2 and 3 ranks
+
+OPTIMIZERS = {
+    "SOAP": lambda p: SOAP(
+        p, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=2, max_precond_dim=8, split_large_dims=True
+    ),
+    "ECS": lambda p: EigenvalueCorrectedShampoo(
+        p, lr=1e-2, precondition_frequency=2, max_precond_dim=8, merge_dims=False
+    ),
+    "ECS-adaptive-qr": lambda p: EigenvalueCorrectedShampoo(
+        p,
+        lr=1e-2,
+        precondition_frequency=1,
+        max_precond_dim=8,
+        merge_dims=False,
+        refresh="adaptive",
+        tolerance=0.05,
+        refresh_method="qr",
+        max_qr_iterations=2,
+    ),
+    "Shampoo": lambda p: Shampoo(
+        p, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, max_preconditioner_dim=8, merge_dims=False
+    ),
+}
+
+
+class Toy(nn.Module):
+    """Square blocks only, no larger than the batch: every factor has full rank from the first step.
+
+    A rectangular block's factor is singular, and rounding alone picks the eigenvectors of its
+    null space; the next gradient's component there is then scaled in an arbitrary basis, and the
+    run on 1 rank and on 2 ranks (gradients summed in another order) part by O(lr), DDP or not.
+    With max dim 8, ``d`` splits into four 8×8 blocks: 7 blocks in 3 stacks of 8×8, 4×4 and 6×6.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = nn.Linear(16, 16)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(4, 4, bias=False)
+        self.e = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.d(x))
+        h = torch.tanh(self.a(h[:, :8])) + torch.tanh(self.b(h[:, 8:]))
+        return torch.cat([h, self.c(x[:, :4]), self.e(h[:, :6])], dim=1)
+
+
+def make_model(tiny: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    if tiny:  # one block, two factors: with 3 ranks one rank has nothing to refresh
+        return nn.Linear(5, 5, bias=False)
+    return Toy()
+
+
+def batch(step: int, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    size = (5, 5) if isinstance(model, nn.Linear) else (16, 18)
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(ROWS, size[0], generator=g), torch.randn(ROWS, size[1], generator=g)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
+    """Each rank takes its equal share of the rows; DDP and FSDP2 average the gradients."""
+    for step in steps:
+        x, y = batch(step, getattr(model, "module", model))
+        rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
+        optimizer.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        optimizer.step()
+
+
+def full_parameters(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+
+
+def reference(name: str, tiny: bool = False, steps: int = STEPS) -> list[torch.Tensor]:
+    """The single-process run on the full batch."""
+    model = make_model(tiny)
+    train(model, OPTIMIZERS[name](model.parameters()), range(steps))
+    return full_parameters(model)
+
+
+def _setup(mode: str, name: str, world: int, tiny: bool = False):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conditioner.distributed import spread_refresh
+
+    model = make_model(tiny)
+    if mode == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.children():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        trained = model
+    else:
+        trained = DistributedDataParallel(model)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    return model, trained, optimizer, spread_refresh(optimizer)
+
+
+def _run(job: tuple, rank: int, world: int) -> dict:
+    from conditioner.distributed import checkpoint
+
+    kind, mode, name = job[:3]
+    saved_world = None
+    if kind == "train":
+        tiny, directory = job[3], job[4]
+        model, trained, optimizer, executor = _setup(mode, name, world, tiny)
+        train(trained, optimizer, range(STEPS // 2), rank, world)
+        if directory is not None:
+            checkpoint.save(directory, optimizer, model)
+        train(trained, optimizer, range(STEPS // 2, STEPS), rank, world)
+    else:
+        model, trained, optimizer, executor = _setup(mode, name, world)
+        saved_world = checkpoint.load(job[3], optimizer, model)
+        train(trained, optimizer, range(STEPS // 2, STEPS), rank, world)
+    return {
+        "params": full_parameters(model),
+        "computed": executor.computed,
+        "exchanges": executor.exchanges,
+        "refreshes": optimizer.total_refreshes(),
+        "saved_world": saved_world,
+    }
+
+
+def worker(rank: int, world: int, tmp: str, phases: list[list[tuple]]) -> None:
+    """Run each phase's jobs in a process group of its own and save what each job produced to
+    ``tmp/rank{rank}.pt``.
+
+    A job is ``("train", mode, name, tiny, checkpoint_dir or None)``: train STEPS steps, saving a
+    checkpoint after STEPS // 2; or ``("resume", mode, name, checkpoint_dir)``: build a new model
+    and optimizer, load the checkpoint and train the remaining steps.
+    """
+    torch.set_num_threads(1)
+    results = {}
+    for number, jobs in enumerate(phases):
+        store = os.path.join(tmp, f"store{number}")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        try:
+            results.update({job: _run(job, rank, world) for job in jobs})
+        finally:
+            dist.destroy_process_group()
+    torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def spawn(world: int, tmp: Path, phases: list[list[tuple]]) -> list[dict]:
+    """Run the phases on ``world`` fresh gloo ranks (one process group per phase); each rank's
+    results."""
+    import torch.multiprocessing as mp
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(worker, args=(world, str(tmp), phases), nprocs=world, start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
