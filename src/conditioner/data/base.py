@@ -18,7 +18,9 @@ class Dataset:
     """A data set split once, reproducibly, into training and validation parts.
 
     Classification: ``x_*`` float32 features of shape ``(N, *input_shape)``, ``y_*`` int64 labels
-    in ``[0, num_classes)``. Language modelling: ``x_*`` int64 windows ``(N, context)`` of token
+    in ``[0, num_classes)``. Regression (``task == "regression"``): ``x_*`` as for classification,
+    ``y_*`` float32 targets ``(N, num_classes)``, so ``num_classes`` is the number of outputs.
+    Language modelling: ``x_*`` int64 windows ``(N, context)`` of token
     ids and ``y_*`` the same windows shifted by one token; ``num_classes`` is the vocabulary size
     and ``vocabulary`` the character of each id (empty for classification).
     """
@@ -62,11 +64,11 @@ def load_dataset(name: str, seed: int = 0, **options: Any) -> Dataset:
     default 128), ``max_chars`` (use only the corpus's first characters) and ``max_vocab``.
     Raises :class:`DataUnavailableError` when the package holding the data is not installed.
     """
-    from conditioner.data import loaders  # noqa: F401  (registers the loaders)
+    from conditioner.data import loaders, tabular  # noqa: F401  (registers the loaders)
 
     if name not in _LOADERS:
         raise ValueError(f"dataset must be one of {sorted(_LOADERS)}, got {name!r}")
     return _LOADERS[name](seed, **options)
 
 
-DATASETS = ("digits", "fashion-mnist", "mnist5k", "chars")
+DATASETS = ("digits", "fashion-mnist", "mnist5k", "chars", "concrete")
