@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     from conditioner.bench.command import add_parser as add_bench
     from conditioner.curvature.command import add_parser as add_spectrum
+    from conditioner.influence.command import add_parser as add_influence
 
     add_bench(commands)
     add_spectrum(commands)
+    add_influence(commands)
     return parser
 
 
