@@ -282,3 +282,10 @@ def test_bad_inputs_get_clear_errors() -> None:
     for damping in (0.0, -1.0, math.inf):
         with pytest.raises(ValueError, match="damping"):
             operator.inverse(damping)
+
+
+def test_one_dimensional_regression_outputs_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)).double()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64))]
+    with pytest.raises(ValueError, match="unsqueeze"):
+        KFAC(model, nn.MSELoss(), data)

@@ -61,6 +61,8 @@ class LossSpec:
                     f"got {tuple(target.shape)}"
                 )
             return output.reshape(-1, classes), target.reshape(-1)
+        if output.ndim < 2:
+            raise ValueError(f"output: MSE needs outputs of shape (N, ..., C), got {tuple(output.shape)}; unsqueeze a last dimension")
         if target.shape != output.shape:
             raise ValueError(f"targets: MSE expects the output's shape {tuple(output.shape)}, got {tuple(target.shape)}")
         return output.reshape(-1, classes), target.reshape(-1, classes).to(output.dtype)
