@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +20,16 @@ import torch
 from conditioner.bench.optimizers import OPTIMIZERS, OURS, PEERS, unavailable_reason
 from conditioner.bench.presets import PRESETS
 from conditioner.bench.runner import DEFAULT_SWEEP, BenchResults, Runner, prepare_data
+from conditioner.commandline import (
+    CommandError,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+    writable_folder,
+)
 
 GROUPS = {"all": tuple(OPTIMIZERS), "ours": OURS, "peers": PEERS}
-
-
-class BenchError(Exception):
-    """A problem with the request, reported as one line and exit status 2."""
-
-
-def bounded(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
-    """An argparse type: a ``kind`` (int or float) above ``minimum`` (``strict``) or at least it."""
-    noun = "an integer" if kind is int else "a number"
-    relation = ">" if strict else ">="
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not (value > minimum if strict else value >= minimum) or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite {noun[2:].lstrip()} {relation} {minimum}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = bounded(int, 0, strict=True)
-non_negative_int = bounded(int, 0, strict=False)
-positive_float = bounded(float, 0.0, strict=True)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -111,36 +91,20 @@ def _optimizers(requested: list[str] | None, default: tuple[str, ...]) -> tuple[
         expanded = GROUPS.get(name, (name,))
         for n in expanded:
             if n not in OPTIMIZERS:
-                raise BenchError(f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZERS)}, all, ours, peers)")
+                raise CommandError(f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZERS)}, all, ours, peers)")
             if n not in names:
                 names.append(n)
     skipped = {n: reason for n in names if (reason := unavailable_reason(n))}
     runnable = [n for n in names if n not in skipped]
     if not runnable:
-        raise BenchError("none of the optimizers can run here: " + "; ".join(skipped.values()))
+        raise CommandError("none of the optimizers can run here: " + "; ".join(skipped.values()))
     return runnable, skipped
-
-
-def _writable(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise BenchError(f"cannot write to output folder {str(out)!r}: {error.strerror or error}") from None
-    return out
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``conditioner bench`` with parsed ``args``; return the exit status."""
-    try:
-        return _run(args)
-    except BenchError as error:
-        print(f"conditioner bench: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # before the first run started (the runner catches it later on)
-        print("conditioner bench: interrupted before any run finished", file=sys.stderr)
-        return 130
+    # Ctrl-C after the first run is caught by the runner, which writes what had finished.
+    return run_command("bench", _run, args, "interrupted before any run finished")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -160,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     preset = preset.replace(**changes)
     seeds = [args.seed] if args.seed is not None else list(dict.fromkeys(args.seeds or preset.seeds))
     preset = preset.replace(seeds=tuple(seeds))
-    out = _writable(args.out if args.out is not None else Path("bench-out") / preset.name)
+    out = writable_folder(args.out if args.out is not None else Path("bench-out") / preset.name)
     sweep = None if args.lr_sweep is None else tuple(args.lr_sweep or DEFAULT_SWEEP)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         dataset = load_dataset(preset.dataset, seed=0)
     except DataUnavailableError as error:
-        raise BenchError(f"data set {preset.dataset!r} is not available: {error}") from None
+        raise CommandError(f"data set {preset.dataset!r} is not available: {error}") from None
     data = prepare_data(dataset, preset)
 
     from conditioner.bench import plots, report

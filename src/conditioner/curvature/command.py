@@ -20,7 +20,6 @@ import json
 import math
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conditioner.bench.command import non_negative_int, positive_int
+from conditioner.commandline import CommandError, non_negative_int, positive_int, run_command, writable_folder
 from conditioner.data import Dataset
 
 OPERATORS = ("hessian", "ggn")
@@ -37,10 +36,6 @@ BUILTIN_HIDDEN = (32,)
 BUILTIN_STEPS = 300
 BUILTIN_LR = 0.01
 BUILTIN_BATCH = 64
-
-
-class SpectrumError(Exception):
-    """A problem with the request, reported as one line and exit status 2."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -73,14 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``conditioner spectrum`` with parsed ``args``; return the exit status."""
-    try:
-        return _run(args)
-    except SpectrumError as error:
-        print(f"conditioner spectrum: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("conditioner spectrum: interrupted", file=sys.stderr)
-        return 130
+    return run_command("spectrum", _run, args, "interrupted")
 
 
 # --- the model and its data ------------------------------------------------------------------------
@@ -117,23 +105,23 @@ def checkpoint_model(path: Path) -> tuple[nn.Module, Dataset, dict[str, Any]]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as error:
-        raise SpectrumError(f"cannot read checkpoint {str(path)!r}: {error}") from None
+        raise CommandError(f"cannot read checkpoint {str(path)!r}: {error}") from None
     keys = ("state_dict", "preset", "model", "model_kwargs")
     if not isinstance(saved, dict) or any(key not in saved for key in keys):
-        raise SpectrumError(f"checkpoint {str(path)!r} is not a model saved by 'conditioner bench --save-model'")
+        raise CommandError(f"checkpoint {str(path)!r} is not a model saved by 'conditioner bench --save-model'")
     if saved["preset"] not in PRESETS:
-        raise SpectrumError(f"checkpoint {str(path)!r}: unknown preset {saved['preset']!r}")
+        raise CommandError(f"checkpoint {str(path)!r}: unknown preset {saved['preset']!r}")
     preset = PRESETS[saved["preset"]]
     try:
         dataset = prepare_data(load_dataset(preset.dataset, seed=0), preset)
     except DataUnavailableError as error:
-        raise SpectrumError(f"data set {preset.dataset!r} is not available: {error}") from None
+        raise CommandError(f"data set {preset.dataset!r} is not available: {error}") from None
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["model_kwargs"].items()}
     model = build_model(saved["model"], dataset, **kwargs)
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as error:
-        raise SpectrumError(f"checkpoint {str(path)!r} does not fit its preset's model: {error}") from None
+        raise CommandError(f"checkpoint {str(path)!r} does not fit its preset's model: {error}") from None
     info = {
         k: saved.get(k) for k in ("preset", "dataset", "model", "model_kwargs", "optimizer", "seed", "lr", "status")
     }
@@ -222,16 +210,6 @@ def plot_densities(results: dict[str, dict[str, Any]], path: Path, title: str) -
     plt.close(fig)
 
 
-def _writable(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise SpectrumError(f"cannot write to output folder {str(out)!r}: {error.strerror or error}") from None
-    return out
-
-
 def _table(results: dict[str, dict[str, Any]], top_k: int) -> str:
     lines = [f"{'':12s}" + "".join(f"{name:>24s}" for name in results)]
     for i in range(top_k):
@@ -290,15 +268,15 @@ def _run(args: argparse.Namespace) -> int:
     from conditioner.curvature.exact import GGN, Hessian
 
     if args.top_k > args.lanczos_steps:
-        raise SpectrumError(f"--top-k ({args.top_k}) must be at most --lanczos-steps ({args.lanczos_steps})")
-    out = _writable(args.out)
+        raise CommandError(f"--top-k ({args.top_k}) must be at most --lanczos-steps ({args.lanczos_steps})")
+    out = writable_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, dataset, source = _model(args)
     model.eval()
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.top_k > parameters:
-        raise SpectrumError(f"--top-k ({args.top_k}) exceeds the model's {parameters} parameters")
+        raise CommandError(f"--top-k ({args.top_k}) exceeds the model's {parameters} parameters")
     data = curvature_batches(dataset, args.examples, args.batch_size, args.seed)
     examples = sum(len(y) for _, y in data)
     steps = min(args.lanczos_steps, parameters)

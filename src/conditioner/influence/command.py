@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from conditioner.bench.command import bounded, non_negative_int, positive_int
+from conditioner.commandline import CommandError, bounded, non_negative_int, positive_int, run_command, writable_folder
 from conditioner.influence.experiments import EXPERIMENTS, evaluate, lds_measurements, prepare, score_methods
 from conditioner.influence.scores import METHODS
 
@@ -59,29 +58,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-class InfluenceError(Exception):
-    """A problem with the request, reported as one line and exit status 2."""
-
-
 def main(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except InfluenceError as error:
-        print(f"conditioner influence: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("conditioner influence: interrupted; finished retraining is cached in OUT/lds-cache", file=sys.stderr)
-        return 130
-
-
-def _writable(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise InfluenceError(f"cannot write to output folder {str(out)!r}: {error.strerror or error}") from None
-    return out
+    """Run ``conditioner influence`` with parsed ``args``; return the exit status."""
+    return run_command("influence", _run, args, "interrupted; finished retraining is cached in OUT/lds-cache")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -91,10 +70,10 @@ def _run(args: argparse.Namespace) -> int:
         for name, value in FULL_PROTOCOL.items():
             setattr(args, name, value)
     if not args.fraction < 1:
-        raise InfluenceError(f"--fraction must be in (0, 1), got {args.fraction}")
+        raise CommandError(f"--fraction must be in (0, 1), got {args.fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = _writable(args.out)
+    out = writable_folder(args.out)
     progress = not args.no_progress
     report: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
                               "experiments": {}}
@@ -114,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
                                        "queries": prepared.queries[0].shape[0], "methods": table}
         print(_table(name, damping, table), flush=True)
     if not report["experiments"]:
-        raise InfluenceError("no experiment could run: their data sets are not installed (see the messages above)")
+        raise CommandError("no experiment could run: their data sets are not installed (see the messages above)")
     (out / "results.json").write_text(json.dumps(report, indent=2))
     _plot(report, out / "lds.png")
     print(f"wrote {out / 'results.json'} and {out / 'lds.png'}")
