@@ -63,6 +63,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         one_sided_above: int | None = None,
         correct_bias: bool = True,
         state_dtype: torch.dtype | None = None,
+        state_precision: str = "full",
         nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
@@ -84,6 +85,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             correct_bias=correct_bias,
             update_first_step=True,
             state_dtype=state_dtype,
+            state_precision=state_precision,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

@@ -51,6 +51,7 @@ class SOAP(EigenAdam):
         split_large_dims: bool = False,
         one_sided_above: int | None = None,
         state_dtype: torch.dtype | None = None,
+        state_precision: str = "full",
         nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
@@ -68,6 +69,7 @@ class SOAP(EigenAdam):
             split_large_dims=split_large_dims,
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
+            state_precision=state_precision,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
