@@ -84,7 +84,7 @@ def test_state_bytes_are_exact_for_4bit_and_bfloat16_state():
         return d * ((d + 1) // 2) + 4 * -(-d * 2 * ((d + 1) // 2) // 64)
 
     f32, bf16, i64 = 4, 2, 8
-    moments = lambda n, size: 2 * n * size  # noqa: E731
+    moments = lambda n, size: 2 * n * size
     # weight 64×80: two 4-bit bases + float32 eigenvalues, float32 moments, refresh counts (1, 2)
     # bias 64: Adam moments; weight 3×64: whole 3×3 factor and basis, 4-bit 64×64 basis + eigenvalues
     # bias 3: Adam moments

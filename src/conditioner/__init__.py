@@ -14,10 +14,10 @@ from conditioner.optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "SOAP",
     "EigenvalueCorrectedShampoo",
     "Muon",
     "NonFiniteGradientError",
-    "SOAP",
     "Shampoo",
     "StateMemory",
     "__version__",

@@ -49,7 +49,7 @@ def quantized_bytes(batch: int, d: int) -> int:
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     """``(B, d, d)`` → ``(B, blocks, 64)``: rows padded to even length, the tail block with zeros."""
-    batch, rows, cols = x.shape
+    batch, cols = x.shape[0], x.shape[-1]
     x = torch.nn.functional.pad(x, (0, cols % 2)).reshape(batch, -1)
     return torch.nn.functional.pad(x, (0, -x.shape[1] % BLOCK)).reshape(batch, -1, BLOCK)
 
@@ -88,8 +88,8 @@ __all__ = [
     "BLOCK",
     "CODE_BOOK",
     "MAX_RELATIVE_ERROR",
-    "Quantized",
     "RECTIFY_STEPS",
+    "Quantized",
     "dequantize",
     "dequantize_basis",
     "quantize",

@@ -8,10 +8,10 @@ from conditioner.optim.shampoo import Shampoo
 from conditioner.optim.soap import SOAP
 
 __all__ = [
+    "SOAP",
     "EigenvalueCorrectedShampoo",
     "Muon",
     "NonFiniteGradientError",
-    "SOAP",
     "Shampoo",
     "StackedOptimizer",
     "StateMemory",

@@ -11,6 +11,10 @@ synchronisation) and updates before they are applied (one sum per stack, one mor
 State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``self.state``:
 tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
 count of steps taken. ``torch.optim.Optimizer.state_dict`` keeps such keys as they are.
+
+Storage precision (``state_precision``, :mod:`conditioner.optim.precision`): kernels see the
+state decoded to the statistics dtype and return it in that dtype; it is encoded (bfloat16,
+4-bit bases) at commit, by the role each optimizer declares for its entries in ``state_roles``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
 
     Blocking: dimensions above ``max_precond_dim`` are split into blocks (``split_large_dims``)
     and small neighbouring dimensions merged (``merge_dims``) by default; 1-D parameters get Adam.
+    ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
     """
 
     checks = {

@@ -168,6 +168,7 @@ class EigenAdam(StackedOptimizer):
         if refresh:
             self._refresh(group, dims, new_state, factors)
         return result
+
     def new_bases(
         self, group: dict[str, Any], factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:

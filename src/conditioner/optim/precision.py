@@ -86,4 +86,4 @@ def decode(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[st
     return working, decoded
 
 
-__all__ = ["Decoded", "PRECISIONS", "ROLES", "SMALL_MATRIX", "decode", "encode", "is_large_matrix", "stored_form"]
+__all__ = ["PRECISIONS", "ROLES", "SMALL_MATRIX", "Decoded", "decode", "encode", "is_large_matrix", "stored_form"]

@@ -24,7 +24,8 @@ class SOAP(EigenAdam):
     ``max_precond_dim`` into blocks instead of leaving them unpreconditioned), ``merge_dims``
     (merge small neighbouring dimensions), ``precondition_1d``, ``one_sided_above`` (never
     precondition dimensions above this size). ``state_dtype`` (default float32, float64 for
-    float64 parameters) sets the dtype of all statistics; ``nonfinite`` is ``"raise"`` or
+    float64 parameters) sets the dtype of all statistics, ``state_precision`` (``"full"``,
+    ``"bfloat16"``, ``"4bit"``; see :class:`EigenAdam`) how they are stored; ``nonfinite`` is ``"raise"`` or
     ``"skip"`` for a step whose gradient holds NaN or Inf.
     """
 
