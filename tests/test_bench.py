@@ -13,7 +13,8 @@ import torch
 from conditioner import cli
 from conditioner.bench import optimizers as registry
 from conditioner.bench import runner as runner_module
-from conditioner.bench.optimizers import OptimizerSpec, build_optimizer, state_bytes
+from conditioner.bench.optimizers import OptimizerSpec, build_optimizer
+from conditioner.optim.memory import state_bytes
 from conditioner.bench.presets import PRESETS, lr_factor
 from conditioner.bench.report import format_table
 from conditioner.bench.runner import BenchResults, initial_model, prepare_data

@@ -1,7 +1,26 @@
 """conditioner: eigenbasis preconditioning for deep learning."""
 
-from conditioner.optim import EigenvalueCorrectedShampoo, NonFiniteGradientError, Shampoo, SOAP
+from conditioner.optim import (
+    EigenvalueCorrectedShampoo,
+    Muon,
+    NonFiniteGradientError,
+    Shampoo,
+    SOAP,
+    StateMemory,
+    state_bytes,
+    state_memory,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["EigenvalueCorrectedShampoo", "NonFiniteGradientError", "SOAP", "Shampoo", "__version__"]
+__all__ = [
+    "SOAP",
+    "EigenvalueCorrectedShampoo",
+    "Muon",
+    "NonFiniteGradientError",
+    "Shampoo",
+    "StateMemory",
+    "__version__",
+    "state_bytes",
+    "state_memory",
+]

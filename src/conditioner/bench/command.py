@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from conditioner.bench.optimizers import OPTIMIZERS, OURS, PEERS, unavailable_reason
+from conditioner.bench.optimizers import MEMORY, OPTIMIZERS, OURS, PEERS, unavailable_reason
 from conditioner.bench.presets import PRESETS
 from conditioner.bench.runner import DEFAULT_SWEEP, BenchResults, Runner, prepare_data
 from conditioner.commandline import (
@@ -29,7 +29,7 @@ from conditioner.commandline import (
     writable_folder,
 )
 
-GROUPS = {"all": tuple(OPTIMIZERS), "ours": OURS, "peers": PEERS}
+GROUPS = {"all": tuple(OPTIMIZERS), "ours": OURS, "peers": PEERS, "memory": MEMORY}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--optimizers",
         nargs="+",
         metavar="NAME",
-        help=f"optimizers to compare (default: the preset's); names: {', '.join(OPTIMIZERS)}; or all, ours, peers",
+        help=f"optimizers to compare (default: the preset's); names: {', '.join(OPTIMIZERS)}; or all, ours, peers, memory",
     )
     parser.add_argument("--steps", type=positive_int, help="training steps per run (default: the preset's)")
     parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: the preset's)")
@@ -91,7 +91,7 @@ def _optimizers(requested: list[str] | None, default: tuple[str, ...]) -> tuple[
         expanded = GROUPS.get(name, (name,))
         for n in expanded:
             if n not in OPTIMIZERS:
-                raise CommandError(f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZERS)}, all, ours, peers)")
+                raise CommandError(f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZERS)}, all, ours, peers, memory)")
             if n not in names:
                 names.append(n)
     skipped = {n: reason for n in names if (reason := unavailable_reason(n))}

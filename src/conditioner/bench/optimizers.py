@@ -2,7 +2,9 @@
 
 Ours: ``adamw`` and ``sgd`` (torch), ``shampoo`` (Adam grafting), ``soap``, ``ecshampoo``
 (eigenvalue-corrected Shampoo, fixed refresh every ``precondition_frequency`` steps) and
-``ecshampoo-adaptive`` (the same with the adaptive, per-factor refresh). Peers, from the optional
+``ecshampoo-adaptive`` (the same with the adaptive, per-factor refresh); ``soap-bf16``,
+``soap-4bit``, ``ecshampoo-bf16``, ``ecshampoo-4bit`` (the same settings with
+``state_precision`` bfloat16 or 4-bit) and ``muon`` (conditioner.Muon). Peers, from the optional
 ``bench`` extra, imported only when asked for: ``heavyball-soap``, ``heavyball-psgdkron``,
 ``heavyball-muon``, ``pto-soap``, ``pto-shampoo``.
 
@@ -78,6 +80,16 @@ def _pto(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
 
 _SOAP_LIKE = dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
 
+
+def _precision_variants(
+    name: str, description: str, build: Callable[..., torch.optim.Optimizer], hyperparameters: dict[str, Any]
+) -> list[OptimizerSpec]:
+    """``NAME-bf16`` and ``NAME-4bit``: the same optimizer and settings with low-precision state."""
+    return [
+        OptimizerSpec(f"{name}-{suffix}", f"{description}, {precision} state", build, 3e-3, dict(hyperparameters, state_precision=precision))
+        for suffix, precision in (("bf16", "bfloat16"), ("4bit", "4bit"))
+    ]
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in [
@@ -104,6 +116,20 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             conditioner.EigenvalueCorrectedShampoo,
             3e-3,
             dict(_SOAP_LIKE, refresh="adaptive", tolerance=0.1),
+        ),
+        *_precision_variants("soap", "conditioner.SOAP", conditioner.SOAP, dict(_SOAP_LIKE)),
+        *_precision_variants(
+            "ecshampoo",
+            "conditioner.EigenvalueCorrectedShampoo",
+            conditioner.EigenvalueCorrectedShampoo,
+            dict(_SOAP_LIKE, refresh="fixed"),
+        ),
+        OptimizerSpec(
+            "muon",
+            "conditioner.Muon (Newton-Schulz on matrices, AdamW on 1-D)",
+            conditioner.Muon,
+            0.02,
+            dict(weight_decay=0.01),
         ),
         OptimizerSpec(
             "heavyball-soap",
@@ -137,7 +163,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 OURS = ("adamw", "sgd", "shampoo", "soap", "ecshampoo", "ecshampoo-adaptive")
-PEERS = tuple(name for name in OPTIMIZERS if name not in OURS)
+#: ours too, left out of the presets' defaults: low-precision state and Muon (``conditioner bench
+#: --optimizers memory`` runs them beside their full-precision siblings and heavyball's Muon)
+MEMORY = ("soap", "soap-bf16", "soap-4bit", "ecshampoo", "ecshampoo-bf16", "ecshampoo-4bit", "muon", "heavyball-muon")
+PEERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.package is not None)
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -162,29 +191,6 @@ def build_optimizer(
     if spec.package == "heavyball":
         merged.update(options)
     return spec.build(list(params), lr=lr, **merged)
-
-
-def _tensor_bytes(value: Any, seen: set[int]) -> int:
-    if isinstance(value, torch.Tensor):
-        key = value.untyped_storage().data_ptr() if value.numel() else id(value)
-        if key in seen:
-            return 0
-        seen.add(key)
-        return value.untyped_storage().nbytes() if value.numel() else 0
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v, seen) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in value)
-    return 0
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state: ``state_bytes()`` where the optimizer has it, else the bytes of
-    every tensor storage reachable from ``optimizer.state`` (each storage counted once)."""
-    own = getattr(optimizer, "state_bytes", None)
-    if callable(own):
-        return int(own())
-    return _tensor_bytes(dict(optimizer.state), set())
 
 
 def refreshes(optimizer: torch.optim.Optimizer) -> int | None:

@@ -83,6 +83,7 @@ IMAGE_GUESSES: dict[str, dict[str, Any]] = {
     "heavyball-soap": {"lr": 3e-3},
     "heavyball-psgdkron": {"lr": 3e-3},
     "heavyball-muon": {"lr": 0.02},
+    "muon": {"lr": 0.02},
     "pto-soap": {"lr": 3e-3},
     "pto-shampoo": {"lr": 0.03},
 }

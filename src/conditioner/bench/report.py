@@ -35,6 +35,7 @@ COLUMNS = (
     "secs to ref",
     "step ms",
     "state",
+    "B/param",
     "refreshes",
     "runs",
 )
@@ -56,6 +57,11 @@ def _bytes(stat: dict[str, float] | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return "-"
+
+
+def _per_parameter(row: dict[str, Any]) -> str:
+    stat = row["state_bytes"]
+    return "-" if stat is None or not row["parameters"] else f"{stat['mean'] / row['parameters']:.2f}"
 
 
 def _reached(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -95,6 +101,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
                 _reached(row, "time_to_target", ".2f"),
                 _mean_std(row["median_step_time"], ".2f", 1e3),
                 _bytes(row["state_bytes"]),
+                _per_parameter(row),
                 _mean_std(row["refreshes"], ".0f"),
                 _runs(row),
             ]
@@ -122,7 +129,7 @@ def format_table(summary: dict[str, Any], results: BenchResults) -> str:
     notes = (
         f"steps/secs to ref: first evaluation (every {p.eval_every} steps) at or below {reference}'s final "
         "validation loss of the same seed, and the training wall time (evaluation excluded) to get there.\n"
-        "step ms: median optimizer.step() time. state: optimizer-state memory. refreshes: eigenbasis "
+        "step ms: median optimizer.step() time. state: optimizer-state memory, B/param: its bytes per parameter. refreshes: eigenbasis "
         "(or inverse-root) recomputations, summed over factors."
     )
     if results.interrupted:

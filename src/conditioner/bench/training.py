@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conditioner.bench.optimizers import build_optimizer, refreshes, state_bytes
+from conditioner.bench.optimizers import build_optimizer, refreshes
 from conditioner.bench.presets import lr_factor
 from conditioner.data import Dataset
+from conditioner.optim.memory import state_bytes
 
 DIVERGENCE_FACTOR = 10.0
 

@@ -2,6 +2,7 @@
 
 from conditioner.linalg.eigh import Eigh, safe_eigh
 from conditioner.linalg.orthogonal import CUBIC_COEFFICIENTS, MUON_COEFFICIENTS, bjorck_rectify, newton_schulz
+from conditioner.linalg.quantize import Quantized, dequantize, dequantize_basis, quantize
 from conditioner.linalg.refresh import (
     QRRefresh,
     Staleness,
@@ -20,9 +21,12 @@ __all__ = [
     "MUON_COEFFICIENTS",
     "Eigh",
     "QRRefresh",
+    "Quantized",
     "Staleness",
     "bjorck_rectify",
     "dense_staleness",
+    "dequantize",
+    "dequantize_basis",
     "descending_order",
     "inverse_root_eigh",
     "inverse_root_from_eigh",
@@ -32,6 +36,7 @@ __all__ = [
     "orthonormal_factor",
     "permute_columns",
     "qr_refresh",
+    "quantize",
     "safe_eigh",
     "staleness",
 ]

@@ -11,6 +11,10 @@ synchronisation) and updates before they are applied (one sum per stack, one mor
 State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``self.state``:
 tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
 count of steps taken. ``torch.optim.Optimizer.state_dict`` keeps such keys as they are.
+
+Storage precision (``state_precision``, :mod:`conditioner.optim.precision`): kernels see the
+state decoded to the statistics dtype and return it in that dtype; it is encoded (bfloat16,
+4-bit bases) at commit, by the role each optimizer declares for its entries in ``state_roles``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from conditioner.blocks import BlockPolicy, Stack, build_stacks
 from conditioner.distributed.sharded import ShardedUpdates, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
+from conditioner.optim.precision import Decoded, decode, encode, stored_form
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class _Pending:
     group: dict[str, Any]
     members: list[int]
     result: StackResult
+    decoded: Decoded = field(default_factory=dict)
 
 
 Check = Callable[[str, Any], None]
@@ -131,6 +137,7 @@ COMMON_CHECKS: dict[str, Check] = {
     "precondition_1d": flag,
     "one_sided_above": optional(count(1)),
     "state_dtype": check_dtype,
+    "state_precision": choice("full", "bfloat16"),
     "nonfinite": choice(*NONFINITE_POLICIES),
 }
 
@@ -150,6 +157,9 @@ class StackedOptimizer(torch.optim.Optimizer):
     """
 
     checks: dict[str, Check] = COMMON_CHECKS
+    #: the storage role (see :mod:`conditioner.optim.precision`) of each state entry, by its key
+    #: without trailing digits; entries not named are ``"exact"``
+    state_roles: dict[str, str] = {}
     #: the name of the option that bounds a factor's dimension (each paper's own spelling)
     max_dim_option = "max_precond_dim"
     #: computes the per-block decompositions of a refresh; None: all on this process, else a
@@ -264,8 +274,9 @@ class StackedOptimizer(torch.optim.Optimizer):
             stored = self.state.get(key, {})
             step = stored.get("step", [0] * len(stack.blocks))[members[0]]
             old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
-            result = self.stack_step(group, stack, old, grad, step)
-            pending.append(_Pending(key, stack, group, members, result))
+            working, decoded = decode(old, grad.dtype)
+            result = self.stack_step(group, stack, working, grad, step)
+            pending.append(_Pending(key, stack, group, members, result, decoded))
         updates = [item.result.update.sum() for item in pending if item.result.update is not None]
         if not self._all_finite(updates, "an update"):
             return loss
@@ -279,6 +290,36 @@ class StackedOptimizer(torch.optim.Optimizer):
         index = torch.tensor(members)
         return {k: v.index_select(0, index.to(v.device)) for k, v in stored.items() if k != "step"}
 
+    def state_role(self, key: str) -> str:
+        return self.state_roles.get(key.rstrip("0123456789"), "exact")
+
+    def _encode(self, item: _Pending) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, float]]]:
+        """The entries to store for a kernel's result, and the folds still to apply in place.
+
+        A fold goes in place only into a tensor stored as it is; any other is folded into the
+        working tensor first and then encoded. A working tensor the kernel handed back unchanged
+        keeps the entries it was decoded from, so that a stored basis is not quantised again.
+        """
+        precision = item.group.get("state_precision", "full")
+        result = item.result
+        if precision == "full":
+            return result.state, result.folds
+        working = dict(result.state)
+        in_place = {}
+        for k, (unfolded, beta) in result.folds.items():
+            if stored_form(self.state_role(k), precision, working[k]) == "as-is" and k not in item.decoded:
+                in_place[k] = (unfolded, beta)
+            else:
+                working[k] = fold_in(working[k], unfolded, beta)
+        entries: dict[str, torch.Tensor] = {}
+        for k, v in working.items():
+            source = item.decoded.get(k)
+            if source is not None and source[0] is v:
+                entries.update(source[1])
+            else:
+                entries.update(encode(k, v, stored_form(self.state_role(k), precision, v)))
+        return entries, in_place
+
     def _commit(self, pending: list[_Pending]) -> None:
         """Write the new state, fold the gradients into the factors, apply the updates and decay."""
         moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -286,17 +327,18 @@ class StackedOptimizer(torch.optim.Optimizer):
         sharded = ShardedUpdates()
         for item in pending:
             result = item.result
+            entries, folds = self._encode(item)
             stored = self.state.setdefault(item.key, {})
             size = len(item.stack.blocks)
             steps = stored.get("step", [0] * size)
             if len(item.members) == size:
-                stored.update(result.state)
-                for k, (unfolded, beta) in result.folds.items():
+                stored.update(entries)
+                for k, (unfolded, beta) in folds.items():
                     fold_in_(stored[k], unfolded, beta)
             else:
-                folded = {k: fold_in(result.state[k], unfolded, beta) for k, (unfolded, beta) in result.folds.items()}
+                folded = {k: fold_in(entries[k], unfolded, beta) for k, (unfolded, beta) in folds.items()}
                 index = torch.tensor(item.members)
-                for k, v in {**result.state, **folded}.items():
+                for k, v in {**entries, **folded}.items():
                     full = stored.get(k)
                     if full is None:
                         full = v.new_zeros((size,) + tuple(v.shape[1:]))

@@ -28,6 +28,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
 
     Blocking: dimensions above ``max_precond_dim`` are split into blocks (``split_large_dims``)
     and small neighbouring dimensions merged (``merge_dims``) by default; 1-D parameters get Adam.
+    ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
     """
 
     checks = {
@@ -63,6 +64,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         one_sided_above: int | None = None,
         correct_bias: bool = True,
         state_dtype: torch.dtype | None = None,
+        state_precision: str = "full",
         nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
@@ -84,6 +86,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             correct_bias=correct_bias,
             update_first_step=True,
             state_dtype=state_dtype,
+            state_precision=state_precision,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

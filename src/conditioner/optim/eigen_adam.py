@@ -20,8 +20,17 @@ import torch
 
 from conditioner.blocks import Stack
 from conditioner.linalg import descending_order, orthogonal_iteration_step, qr_refresh, safe_eigh, staleness
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, count, flag, in_range, optional
-from conditioner.optim.kronecker import factor_key, fold_in, project, project_back, transport_diagonal, unfold
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, choice, count, flag, in_range, optional
+from conditioner.optim.kronecker import (
+    factor_key,
+    fold_in,
+    fold_in_diagonal,
+    project,
+    project_back,
+    transport_diagonal,
+    unfold,
+)
+from conditioner.optim.precision import PRECISIONS, SMALL_MATRIX
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,25 @@ def _basis_key(dim: int) -> str:
     return f"basis{dim}"
 
 
+def _eigenvalues_key(dim: int) -> str:
+    return f"eigenvalues{dim}"
+
+
 class EigenAdam(StackedOptimizer):
-    """Base of SOAP and EigenvalueCorrectedShampoo; use those classes."""
+    """Base of SOAP and EigenvalueCorrectedShampoo; use those classes.
+
+    ``state_precision``: ``"full"`` keeps every statistic in the statistics dtype;
+    ``"bfloat16"`` stores the moments and the large factors and bases in bfloat16; ``"4bit"``
+    stores the large bases 4-bit quantised and keeps each large factor only as its eigenpairs,
+    the basis and float32 eigenvalues λ (4-bit Shampoo, ALGORITHMS.md §4). Such a factor
+    ``F = Q diag(λ) Qᵀ`` is updated in two ways. On an ordinary step λ takes the diagonal of
+    the new statistic in the current basis, ``λ ← β·λ + (1 − β)·diag(Qᵀ G Gᵀ Q)``, read off the
+    projected gradient at no cost (the row sums of ``Ĝ ⊙ Ĝ``: the other dimensions' rotations
+    leave row norms alone); the rest of ``G Gᵀ`` is what a basis cannot hold. On a refresh step
+    the full ``G Gᵀ`` is folded into the reconstructed float32 ``F``, the usual refresh moves
+    the basis (for SOAP one warm-started QR step), and λ becomes ``diag(Q_newᵀ F Q_new)``.
+    Smaller factors (< 4096 elements) stay whole in float32.
+    """
 
     rules: EigenAdamRules
     checks = {
@@ -54,11 +80,28 @@ class EigenAdam(StackedOptimizer):
         "max_precond_dim": count(0),
         "correct_bias": flag,
         "update_first_step": flag,
+        "state_precision": choice(*PRECISIONS),
     }
+    state_roles = {"basis": "basis", "factor": "matrix", "exp_avg": "moment", "exp_avg_sq": "moment"}
 
     def _factor_beta(self, group: dict[str, Any]) -> float:
         beta = group["shampoo_beta"]
         return group["betas"][1] if beta is None or beta < 0 else beta
+
+    @staticmethod
+    def _paired_dims(group: dict[str, Any], stack: Stack) -> list[int]:
+        """Dims whose factor is kept as eigenpairs (4-bit state, large factors only)."""
+        if group.get("state_precision") != "4bit":
+            return []
+        return [d for d in stack.preconditioned_dims if stack.shape[d] ** 2 >= SMALL_MATRIX]
+
+    @staticmethod
+    def _factor(state: dict[str, torch.Tensor], dim: int) -> torch.Tensor:
+        """The factor of ``dim``: stored, or rebuilt from its eigenpairs as ``Q diag(λ) Qᵀ``."""
+        if factor_key(dim) in state:
+            return state[factor_key(dim)]
+        basis = state[_basis_key(dim)]
+        return torch.matmul(basis * state[_eigenvalues_key(dim)].unsqueeze(-2), basis.mT)
 
     def _initial_state(self, group: dict[str, Any], stack: Stack, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         dims = stack.preconditioned_dims
@@ -68,16 +111,20 @@ class EigenAdam(StackedOptimizer):
             "exp_avg_sq": torch.zeros_like(grad),
             "refreshes": torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device),
         }
+        paired = self._paired_dims(group, stack)
         for dim in dims:
             d = stack.shape[dim]
             zeros = grad.new_zeros(grad.shape[0], d, d)
             factor = fold_in(zeros, unfold(grad, dim), beta)
-            state[factor_key(dim)] = factor
             if self.rules.initial_basis == "eigh":
                 basis = safe_eigh(factor).eigenvectors.to(grad.dtype)
             else:
                 basis = torch.eye(d, dtype=grad.dtype, device=grad.device).expand_as(zeros).clone()
             state[_basis_key(dim)] = basis
+            if dim in paired:
+                state[_eigenvalues_key(dim)] = staleness(factor, basis).estimated_eigenvalues
+            else:
+                state[factor_key(dim)] = factor
         return state
 
     def stack_step(
@@ -108,15 +155,19 @@ class EigenAdam(StackedOptimizer):
         new_state = dict(state, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         result = StackResult(new_state, update, group["lr"] * correction2**0.5 / correction1)
         refresh = bool(dims) and t % group["precondition_frequency"] == 0
+        factors = {d: self._factor(state, d) for d in dims} if refresh else {}
         if fold_gradient:
             beta = self._factor_beta(group)
-            folds = {factor_key(d): (unfold(grad, d), beta) for d in dims}
             if refresh:
-                new_state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
+                factors = {d: fold_in(f, unfold(grad, d), beta) for d, f in factors.items()}
             else:
-                result.folds = folds
+                paired = self._paired_dims(group, stack)
+                result.folds = {factor_key(d): (unfold(grad, d), beta) for d in dims if d not in paired}
+                for d in paired:
+                    key = _eigenvalues_key(d)
+                    new_state[key] = fold_in_diagonal(state[key], projected, d, beta)
         if refresh:
-            self._refresh(group, dims, new_state)
+            self._refresh(group, dims, new_state, factors)
         return result
 
     def new_bases(
@@ -126,13 +177,21 @@ class EigenAdam(StackedOptimizer):
         and for the "permute" transport the sort order used per dim."""
         raise NotImplementedError
 
-    def _refresh(self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor]) -> None:
-        factors = {d: state[factor_key(d)] for d in dims}
+    def _refresh(
+        self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor], factors: dict[int, torch.Tensor]
+    ) -> None:
+        """Move the bases (and the moments with them) to the refreshed ``factors``, which are
+        stored whole, or as their eigenvalues in the new basis where kept as eigenpairs."""
         old = {d: state[_basis_key(d)] for d in dims}
         if self.executor is None:
             changed_bases, changed_mask, orders = self.new_bases(group, factors, old)
         else:
             changed_bases, changed_mask, orders = self.executor.new_bases(partial(self.new_bases, group), factors, old)
+        for d, factor in factors.items():
+            if _eigenvalues_key(d) in state:
+                state[_eigenvalues_key(d)] = staleness(factor, changed_bases.get(d, old[d])).estimated_eigenvalues
+            else:
+                state[factor_key(d)] = factor
         if not changed_bases:
             return
         old_changed = {d: old[d] for d in changed_bases}

@@ -57,6 +57,7 @@ class Shampoo(StackedOptimizer):
         "nesterov": flag,
     }
     max_dim_option = "max_preconditioner_dim"
+    state_roles = {"factor": "matrix", "root": "matrix", "exp_avg": "moment", "graft_sq": "moment"}
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Shampoo(StackedOptimizer):
         precondition_1d: bool = False,
         one_sided_above: int | None = None,
         state_dtype: torch.dtype | None = None,
+        state_precision: str = "full",
         nonfinite: str = "raise",
     ) -> None:
         if start_preconditioning_step is None:
@@ -102,6 +104,7 @@ class Shampoo(StackedOptimizer):
             precondition_1d=precondition_1d,
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
+            state_precision=state_precision,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

@@ -24,7 +24,8 @@ class SOAP(EigenAdam):
     ``max_precond_dim`` into blocks instead of leaving them unpreconditioned), ``merge_dims``
     (merge small neighbouring dimensions), ``precondition_1d``, ``one_sided_above`` (never
     precondition dimensions above this size). ``state_dtype`` (default float32, float64 for
-    float64 parameters) sets the dtype of all statistics; ``nonfinite`` is ``"raise"`` or
+    float64 parameters) sets the dtype of all statistics, ``state_precision`` (``"full"``,
+    ``"bfloat16"``, ``"4bit"``; see :class:`EigenAdam`) how they are stored; ``nonfinite`` is ``"raise"`` or
     ``"skip"`` for a step whose gradient holds NaN or Inf.
     """
 
@@ -51,6 +52,7 @@ class SOAP(EigenAdam):
         split_large_dims: bool = False,
         one_sided_above: int | None = None,
         state_dtype: torch.dtype | None = None,
+        state_precision: str = "full",
         nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
@@ -68,6 +70,7 @@ class SOAP(EigenAdam):
             split_large_dims=split_large_dims,
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
+            state_precision=state_precision,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
