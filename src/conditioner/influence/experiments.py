@@ -3,7 +3,7 @@ trained, the queries, and the LDS evaluation of every scoring method on it.
 
 - ``concrete``: UCI Concrete regression (896 training examples), MLP 8-128-128-128-1, measurement
   the negative absolute error (the literature's setting for LDS on Concrete).
-- ``digits``: scikit-learn's 8×8 digits (1437 training examples), MLP 64-128-128-10, measurement
+- ``digits``: scikit-learn's 8×8 digits (1438 training examples), MLP 64-128-128-10, measurement
   the correct-class margin.
 """
 
