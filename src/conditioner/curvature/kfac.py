@@ -90,6 +90,11 @@ def _recording(layers: list[Layer]) -> Iterator[dict[int, list[tuple[torch.Tenso
             handle.remove()
 
 
+def _positions(per_call: list[torch.Tensor]) -> torch.Tensor:
+    """The sides of a layer's calls in one forward pass, as extra weight-sharing positions."""
+    return per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=2)
+
+
 def capture(
     model: nn.Module,
     layers: list[Layer],
@@ -115,11 +120,8 @@ def capture(
                 for (_, out), grad in zip(calls[i], grads[position : position + len(calls[i])])
             ]
             position += len(calls[i])
-            gradients[i].append(torch.cat(per_call, dim=2))
-    captured = [
-        Captured(layer, torch.cat([layer.inputs(x) for x, _ in calls[i]], dim=2), gradients[i])
-        for i, layer in enumerate(layers)
-    ]
+            gradients[i].append(_positions(per_call))
+    captured = [Captured(layer, _positions([layer.inputs(x) for x, _ in calls[i]]), gradients[i]) for i, layer in enumerate(layers)]
     return rows.detach(), captured
 
 
