@@ -5,7 +5,8 @@ Each operator equals a curvature of ``L(θ) = c · Σ_r ℓ_r(θ)`` (the normali
 ``torch.autograd`` on the loss of the whole data set:
 
 - :class:`GGN`: ``c Σ_r J_rᵀ H_r J_r v``: a jvp of the network, the loss's output Hessian, a vjp back;
-- :class:`Hessian`: ``∇²L v`` by reverse-over-reverse (a vjp of the gradient);
+- :class:`Hessian`: ``∇²L v`` by differentiating the gradient (reverse-over-reverse for one
+  direction, forward-over-reverse for several);
 - :class:`EmpiricalFisher`: ``c Σ_r g_r (g_rᵀ v)`` with ``g_r = ∇ℓ_r`` at the data's targets,
   without per-row gradients: a jvp of the row losses gives every ``g_rᵀ v`` at once, and one vjp
   of ``Σ_r u_r ℓ_r`` sums them back.
@@ -131,18 +132,20 @@ class GGN(ExactCurvature):
 
 
 class Hessian(ExactCurvature):
-    """The Hessian of the data set's loss, by reverse-over-reverse differentiation: the gradient's
-    graph is built once per batch and pulled back along every direction (cheaper on CPU than a
-    jvp of the gradient, which repeats the forward pass per direction)."""
+    """The Hessian of the data set's loss. One direction: reverse-over-reverse (a vjp of the
+    gradient, as PyHessian does), the cheapest single product on CPU; several: a vmapped
+    forward-over-reverse (a jvp of the gradient), which batches better (measured on an MLP:
+    74 against 107 ms per column for 20 columns, 194 against 165 ms for one)."""
 
     def _batch_product(self, params: Params, inputs: torch.Tensor, targets: torch.Tensor, vectors: Params) -> Params:
         def loss(p: Params) -> torch.Tensor:
             return self._row_losses(p, inputs, targets).sum()
 
-        _, pullback = vjp(grad(loss), params)
+        gradient = grad(loss)
         if next(iter(vectors.values())).shape[0] == 1:
+            _, pullback = vjp(gradient, params)
             return {name: v.unsqueeze(0) for name, v in pullback({k: v[0] for k, v in vectors.items()})[0].items()}
-        return vmap(pullback)(vectors)[0]
+        return vmap(lambda v: jvp(gradient, (params,), (v,))[1])(vectors)
 
 
 class EmpiricalFisher(ExactCurvature):
