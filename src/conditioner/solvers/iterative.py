@@ -105,24 +105,37 @@ def lissa(
     return SolveResult("lissa", x, damping, history)
 
 
+def preconditioned_step_size(
+    operators: Iterator[CurvatureOperator], preconditioner: Any, damping: float, dim: int, dtype: torch.dtype,
+    device: torch.device, iterations: int = 20, generator: torch.Generator | None = None,
+) -> float:
+    """``1 / λ_max`` of the mini-batch preconditioned operators ``P⁻¹(B_b + λI)``, by power iteration
+    on a fresh mini-batch each step, keeping the largest growth seen."""
+    x = torch.randn(dim, 1, generator=generator, dtype=dtype, device=device)
+    largest = 0.0
+    for _ in range(iterations):
+        x = x / torch.linalg.vector_norm(x)
+        x = preconditioner.matmat(_damped(next(operators), x, damping))
+        largest = max(largest, float(torch.linalg.vector_norm(x)))
+    return 1.0 / largest
+
+
 def astra(
     operators: Iterator[CurvatureOperator],
     v: torch.Tensor,
     damping: float,
     preconditioner: Any,
-    step_size: float = 0.1,
+    step_size: float,
     momentum: float = 0.9,
     iterations: int = 200,
     halve_every: int = 50,
 ) -> SolveResult:
     """EK-FAC-preconditioned SGD with momentum: ``x_0 = P⁻¹ v`` (the EK-FAC answer), then
     ``u ← μu + P⁻¹[(B_b + λI)x − v]``, ``x ← x − α u``, with ``α`` halved every ``halve_every``
-    iterations; ``preconditioner`` applies ``(P + λI)⁻¹`` (e.g. ``EKFAC(...).inverse(λ)``). With
-    momentum ``μ`` the heavy-ball iteration is stable while ``α·λ_max(P⁻¹(B + λI)) < 2(1 + μ)``;
-    a block-diagonal EK-FAC misses cross-layer curvature by several times, so the default
-    ``α = 0.1`` leaves that margin (tuned on problems with a dense exact answer, see the tests).
-    Should a mini-batch residual still grow tenfold over the first one, the iteration restarts
-    from the EK-FAC answer with half the step, so it cannot run away."""
+    iterations; ``preconditioner`` applies ``(P + λI)⁻¹`` (e.g. ``EKFAC(...).inverse(λ)``).
+    :func:`preconditioned_step_size` gives a stable ``α``. Should a mini-batch residual still grow
+    tenfold over the first one, the iteration restarts from the EK-FAC answer with half the step,
+    so it cannot run away."""
     _check_positive("step_size", step_size)
     _check_count("iterations", iterations, 0)
     _check_count("halve_every", halve_every, 1)

@@ -11,7 +11,7 @@ from conditioner.curvature.exact import ExactCurvature
 from conditioner.curvature.kfac import KroneckerOperator, check_damping
 from conditioner.curvature.operator import CurvatureOperator
 from conditioner.curvature.spectra import lanczos
-from conditioner.solvers.iterative import astra, conjugate_gradient, lissa
+from conditioner.solvers.iterative import astra, conjugate_gradient, lissa, preconditioned_step_size
 from conditioner.solvers.result import SolveResult
 from conditioner.solvers.stochastic import minibatch_operators
 
@@ -49,7 +49,8 @@ def solve(
       ``step_size`` (default ``1 / (λ_max + damping)`` from a short Lanczos run).
     - ``"astra"``: ``iterations`` preconditioned steps with ``momentum`` on mini-batch estimates of an
       exact ``operator``; ``preconditioner`` (EK-FAC, required) gives the start and the metric;
-      ``step_size`` (default 0.1) is halved every ``halve_every`` iterations.
+      ``step_size`` (default ``(1 − momentum) / λ_max`` of the preconditioned mini-batch operators,
+      by 20 power steps) is halved every ``halve_every`` iterations.
     """
     damping = check_damping(damping)
     if method not in METHODS:
@@ -74,4 +75,11 @@ def solve(
         return lissa(batches, rhs, damping, step_size, iterations)
     if inverse is None:
         raise ValueError("preconditioner: method 'astra' needs an EKFAC (or KFAC) operator to precondition with")
-    return astra(batches, rhs, damping, inverse, 0.1 if step_size is None else step_size, momentum, iterations, halve_every)
+    if step_size is None:
+        # Heavy ball moves by about α / (1 − μ) per unit of gradient: keep that at 1 / λ_max. A
+        # larger step (α·λ_max up to 2(1 + μ) is stable for one fixed operator) diverged on
+        # mini-batches of a digits MLP at zero training loss.
+        largest = 1.0 / preconditioned_step_size(batches, inverse, damping, operator.dim, operator.dtype, operator.device, generator=generator)
+        step_size = (1.0 - momentum) / largest
+        logger.info("astra: step size %.3g = (1 − momentum) / λ_max of the preconditioned mini-batch operators", step_size)
+    return astra(batches, rhs, damping, inverse, step_size, momentum, iterations, halve_every)
