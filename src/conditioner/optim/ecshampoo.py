@@ -29,6 +29,8 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     Blocking: dimensions above ``max_precond_dim`` are split into blocks (``split_large_dims``)
     and small neighbouring dimensions merged (``merge_dims``) by default; 1-D parameters get Adam.
     ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
+    In 4-bit mode a large factor's eigenbasis is tracked by one QR step on every step, and a
+    refresh adopts it (``refresh_method`` and ``max_qr_iterations`` apply to the small factors).
     """
 
     checks = {
@@ -90,6 +92,9 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
+
+    def stale_blocks(self, group, current):
+        return current.rho > group["tolerance"] if group["refresh"] == "adaptive" else None
 
     def new_bases(self, group, factors, bases):
         tolerance = group["tolerance"] if group["refresh"] == "adaptive" else None

@@ -19,12 +19,18 @@ from typing import Any
 import torch
 
 from conditioner.blocks import Stack
-from conditioner.linalg import descending_order, orthogonal_iteration_step, qr_refresh, safe_eigh, staleness
+from conditioner.linalg import (
+    Staleness,
+    descending_order,
+    orthogonal_iteration_step,
+    qr_refresh,
+    safe_eigh,
+    staleness,
+)
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, choice, count, flag, in_range, optional
 from conditioner.optim.kronecker import (
     factor_key,
     fold_in,
-    fold_in_diagonal,
     project,
     project_back,
     transport_diagonal,
@@ -56,20 +62,25 @@ def _eigenvalues_key(dim: int) -> str:
     return f"eigenvalues{dim}"
 
 
+def _eigenbasis_key(dim: int) -> str:
+    return f"eigenbasis{dim}"
+
+
 class EigenAdam(StackedOptimizer):
     """Base of SOAP and EigenvalueCorrectedShampoo; use those classes.
 
     ``state_precision``: ``"full"`` keeps every statistic in the statistics dtype;
     ``"bfloat16"`` stores the moments and the large factors and bases in bfloat16; ``"4bit"``
     stores the large bases 4-bit quantised and keeps each large factor only as its eigenpairs,
-    the basis and float32 eigenvalues λ (4-bit Shampoo, ALGORITHMS.md §4). Such a factor
-    ``F = Q diag(λ) Qᵀ`` is updated in two ways. On an ordinary step λ takes the diagonal of
-    the new statistic in the current basis, ``λ ← β·λ + (1 − β)·diag(Qᵀ G Gᵀ Q)``, read off the
-    projected gradient at no cost (the row sums of ``Ĝ ⊙ Ĝ``: the other dimensions' rotations
-    leave row norms alone); the rest of ``G Gᵀ`` is what a basis cannot hold. On a refresh step
-    the full ``G Gᵀ`` is folded into the reconstructed float32 ``F``, the usual refresh moves
-    the basis (for SOAP one warm-started QR step), and λ becomes ``diag(Q_newᵀ F Q_new)``.
-    Smaller factors (< 4096 elements) stay whole in float32.
+    a 4-bit eigenbasis ``Q_f`` and float32 eigenvalues λ (4-bit Shampoo, ALGORITHMS.md §4).
+    On every step the pair takes in the whole new statistic: ``F = Q_f diag(λ) Q_fᵀ`` is
+    rebuilt in float32, ``F ← β·F + (1 − β)·G Gᵀ``, ``Q_f`` takes one warm-started QR step
+    (columns sorted by ``diag(Q_fᵀ F Q_f)`` descending, ``qr(F Q_f)``) and λ becomes
+    ``diag(Q_fᵀ F Q_f)`` of the new ``Q_f``, sorted descending. The basis the gradients and
+    moments live in is a second 4-bit matrix, fixed between refreshes; a refresh makes it the
+    tracked ``Q_f`` (for the blocks the refresh policy moves: all, or the stale ones of the
+    adaptive policy), with the usual transport of the moments. Smaller factors (< 4096
+    elements) stay whole in float32 and are refreshed as in full precision.
     """
 
     rules: EigenAdamRules
@@ -82,7 +93,13 @@ class EigenAdam(StackedOptimizer):
         "update_first_step": flag,
         "state_precision": choice(*PRECISIONS),
     }
-    state_roles = {"basis": "basis", "factor": "matrix", "exp_avg": "moment", "exp_avg_sq": "moment"}
+    state_roles = {
+        "basis": "basis",
+        "eigenbasis": "basis",
+        "factor": "matrix",
+        "exp_avg": "moment",
+        "exp_avg_sq": "moment",
+    }
 
     def _factor_beta(self, group: dict[str, Any]) -> float:
         beta = group["shampoo_beta"]
@@ -97,11 +114,25 @@ class EigenAdam(StackedOptimizer):
 
     @staticmethod
     def _factor(state: dict[str, torch.Tensor], dim: int) -> torch.Tensor:
-        """The factor of ``dim``: stored, or rebuilt from its eigenpairs as ``Q diag(λ) Qᵀ``."""
+        """The factor of ``dim``: stored, or rebuilt from its eigenpairs as ``Q_f diag(λ) Q_fᵀ``."""
         if factor_key(dim) in state:
             return state[factor_key(dim)]
-        basis = state[_basis_key(dim)]
+        basis = state[_eigenbasis_key(dim)]
         return torch.matmul(basis * state[_eigenvalues_key(dim)].unsqueeze(-2), basis.mT)
+
+    @staticmethod
+    def _track(state: dict[str, torch.Tensor], dim: int, factor: torch.Tensor) -> None:
+        """Move the eigenpairs of ``dim`` to ``factor`` (already holding the new gradient): one
+        warm-started QR step from the tracked eigenbasis, eigenvalues ``diag(Q_fᵀ F Q_f)`` sorted
+        descending with their columns."""
+        tracked = qr_refresh(factor, state[_eigenbasis_key(dim)], 0.0, 1)
+        state[_eigenbasis_key(dim)] = tracked.basis
+        state[_eigenvalues_key(dim)] = tracked.estimated_eigenvalues
+
+    def stale_blocks(self, group: dict[str, Any], current: Staleness) -> torch.Tensor | None:
+        """Which blocks a refresh moves, given the factors' staleness in their current bases
+        (bool ``(B,)``); None: every block. Used for factors kept as eigenpairs."""
+        return None
 
     def _initial_state(self, group: dict[str, Any], stack: Stack, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         dims = stack.preconditioned_dims
@@ -116,13 +147,15 @@ class EigenAdam(StackedOptimizer):
             d = stack.shape[dim]
             zeros = grad.new_zeros(grad.shape[0], d, d)
             factor = fold_in(zeros, unfold(grad, dim), beta)
+            eig = safe_eigh(factor) if self.rules.initial_basis == "eigh" or dim in paired else None
             if self.rules.initial_basis == "eigh":
-                basis = safe_eigh(factor).eigenvectors.to(grad.dtype)
+                basis = eig.eigenvectors.to(grad.dtype)
             else:
                 basis = torch.eye(d, dtype=grad.dtype, device=grad.device).expand_as(zeros).clone()
             state[_basis_key(dim)] = basis
             if dim in paired:
-                state[_eigenvalues_key(dim)] = staleness(factor, basis).estimated_eigenvalues
+                state[_eigenbasis_key(dim)] = eig.eigenvectors.to(grad.dtype)
+                state[_eigenvalues_key(dim)] = eig.eigenvalues.to(grad.dtype)
             else:
                 state[factor_key(dim)] = factor
         return state
@@ -155,17 +188,14 @@ class EigenAdam(StackedOptimizer):
         new_state = dict(state, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         result = StackResult(new_state, update, group["lr"] * correction2**0.5 / correction1)
         refresh = bool(dims) and t % group["precondition_frequency"] == 0
-        factors = {d: self._factor(state, d) for d in dims} if refresh else {}
+        paired = self._paired_dims(group, stack)
+        beta = self._factor_beta(group)
+        factors = {d: self._factor(state, d) for d in dims if refresh or (fold_gradient and d in paired)}
         if fold_gradient:
-            beta = self._factor_beta(group)
-            if refresh:
-                factors = {d: fold_in(f, unfold(grad, d), beta) for d, f in factors.items()}
-            else:
-                paired = self._paired_dims(group, stack)
-                result.folds = {factor_key(d): (unfold(grad, d), beta) for d in dims if d not in paired}
-                for d in paired:
-                    key = _eigenvalues_key(d)
-                    new_state[key] = fold_in_diagonal(state[key], projected, d, beta)
+            factors = {d: fold_in(f, unfold(grad, d), beta) for d, f in factors.items()}
+            result.folds = {factor_key(d): (unfold(grad, d), beta) for d in dims if d not in factors}
+            for d in paired:
+                self._track(new_state, d, factors[d])
         if refresh:
             self._refresh(group, dims, new_state, factors)
         return result
@@ -180,18 +210,30 @@ class EigenAdam(StackedOptimizer):
     def _refresh(
         self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor], factors: dict[int, torch.Tensor]
     ) -> None:
-        """Move the bases (and the moments with them) to the refreshed ``factors``, which are
-        stored whole, or as their eigenvalues in the new basis where kept as eigenpairs."""
+        """Move the bases (and the moments with them) to the refreshed ``factors``. A factor kept
+        as eigenpairs has been tracked already: its blocks that the policy moves take the tracked
+        eigenbasis; the others are refreshed by :meth:`new_bases` and stored whole."""
         old = {d: state[_basis_key(d)] for d in dims}
-        if self.executor is None:
-            changed_bases, changed_mask, orders = self.new_bases(group, factors, old)
+        whole = {d: f for d, f in factors.items() if _eigenvalues_key(d) not in state}
+        paired = {d: f for d, f in factors.items() if _eigenvalues_key(d) in state}
+        if not whole:
+            changed_bases, changed_mask, orders = {}, {}, {}
+        elif self.executor is None:
+            changed_bases, changed_mask, orders = self.new_bases(group, whole, old)
         else:
-            changed_bases, changed_mask, orders = self.executor.new_bases(partial(self.new_bases, group), factors, old)
-        for d, factor in factors.items():
-            if _eigenvalues_key(d) in state:
-                state[_eigenvalues_key(d)] = staleness(factor, changed_bases.get(d, old[d])).estimated_eigenvalues
-            else:
-                state[factor_key(d)] = factor
+            changed_bases, changed_mask, orders = self.executor.new_bases(partial(self.new_bases, group), whole, old)
+        for d, factor in whole.items():
+            state[factor_key(d)] = factor
+        for d, factor in paired.items():
+            current = staleness(factor, old[d])
+            stale = self.stale_blocks(group, current)
+            if stale is None:
+                stale = torch.ones(factor.shape[0], dtype=torch.bool, device=factor.device)
+            changed_bases[d] = torch.where(stale[:, None, None], state[_eigenbasis_key(d)], old[d])
+            changed_mask[d] = stale.to(torch.int64)
+            # The tracked basis is sorted by eigenvalue: column i follows the old column of rank i.
+            identity = torch.arange(factor.shape[-1], device=factor.device).expand(factor.shape[0], -1)
+            orders[d] = torch.where(stale[:, None], descending_order(current.estimated_eigenvalues), identity)
         if not changed_bases:
             return
         old_changed = {d: old[d] for d in changed_bases}

@@ -82,15 +82,6 @@ def fold_in_(factor: torch.Tensor, unfolded: torch.Tensor, beta: float) -> torch
     return factor.baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=weight)
 
 
-def fold_in_diagonal(values: torch.Tensor, projected: torch.Tensor, dim: int, beta: float) -> torch.Tensor:
-    """``β·λ + (1 − β)·diag(Qᵀ G_(dim) G_(dim)ᵀ Q)`` for eigenvalues ``values`` ``(B, d)``, from the
-    gradient projected on every preconditioned dimension, ``projected``: the diagonal is the sum
-    of squares of its fibres along ``dim``, the other dimensions' rotations keeping those sums."""
-    keep, weight = _weights(beta)
-    squares = unfold(projected, dim).square().sum(-1)
-    return torch.add(values * keep, squares, alpha=weight)
-
-
 def transport_diagonal(values: torch.Tensor, old: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]) -> torch.Tensor:
     """Carry an element-wise second moment from the bases ``old`` to ``new``.
 
