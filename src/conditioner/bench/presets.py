@@ -128,7 +128,19 @@ PRESETS: dict[str, Preset] = {
             eval_every=100,
             optimizers=ALL_WITH_PEERS,
             val_limit=5000,
-            settings=IMAGE_GUESSES,
+            # Our optimizers and the baselines from their own sweep (docs/benchmarks.md); the
+            # peers keep the guesses.
+            settings={
+                **IMAGE_GUESSES,
+                "sgd": {"lr": 0.15},
+                "soap": {"lr": 1e-3},
+                "ecshampoo-adaptive": {"lr": 1e-3},
+            },
+            lr_source=(
+                "sweep on seed 0 of adamw sgd shampoo soap ecshampoo ecshampoo-adaptive over factors 1/3, 1, 3: "
+                "conditioner bench --preset fashion-mlp --optimizers adamw sgd shampoo soap ecshampoo "
+                "ecshampoo-adaptive --lr-sweep --seeds 0 1 2 --threads 1"
+            ),
         ),
         Preset(
             name="fashion-cnn",
