@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from conditioner.curvature.exact import GGN
 from conditioner.curvature.kfac import EKFAC, KFAC, Captured, capture
 from conditioner.curvature.layers import Layer, find_layers
-from conditioner.curvature.operator import batches
+from conditioner.curvature.operator import CurvatureOperator, batches
 from conditioner.influence.task import Task
 from conditioner.solvers import solve
 
@@ -169,17 +169,8 @@ def influence(
     gradients = flat_gradients(curvature, *queries, measurement=True)
     solution, damping, residual = precondition(curvature, gradients, method, damping, generator, **solver_options)
     layers = curvature.layers
-    offsets, position = [], 0
-    for layer in layers:
-        offsets.append(position)
-        position += sum(p.numel() for p in layer.params)
-    preconditioned = []
-    for layer, offset in zip(layers, offsets):
-        pieces, inner = [], offset
-        for p in layer.params:
-            pieces.append(solution[inner : inner + p.numel()].mT.reshape(-1, *p.shape))
-            inner += p.numel()
-        preconditioned.append(layer.to_matrix(pieces))
+    pieces = iter(CurvatureOperator(curvature.params).unflatten(solution))
+    preconditioned = [layer.to_matrix([next(pieces) for _ in layer.params]) for layer in layers]
     per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
     for inputs, targets in tqdm(batches(curvature.train_data), desc=f"{method} scores", disable=not progress, leave=False):
         captured = _gradient_sides(curvature.model, curvature.task, layers, inputs, targets, measurement=False)
