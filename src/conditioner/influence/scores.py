@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -64,35 +65,30 @@ class Curvature:
     train_data: list[tuple[torch.Tensor, torch.Tensor]]
     damping_ratio: float = 0.1
     layers: list[Layer] = field(init=False)
-    _cache: dict[str, Any] = field(init=False, default_factory=dict)
+    _kronecker: dict[str, KFAC] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = find_layers(self.model, skip_unsupported=True, modules=self.task.modules)
         self.params = [p for layer in self.layers for p in layer.params]
 
-    def _cached(self, key: str, build) -> Any:
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-    @property
+    @cached_property
     def ggn(self) -> GGN:
-        return self._cached("ggn", lambda: GGN(self.model, self.task.loss_function, self.train_data, self.params))
+        return GGN(self.model, self.task.loss_function, self.train_data, self.params)
 
     def kronecker(self, kind: str) -> KFAC:
-        operator_type = EKFAC if kind == "ekfac" else KFAC
-        names = [layer.name for layer in self.layers]
-        return self._cached(kind, lambda: operator_type(self.model, self.task.loss_function, self.train_data, modules=names))
+        """The K-FAC (``"kfac"``) or EK-FAC (``"ekfac"``) of the tracked layers, built once."""
+        if kind not in self._kronecker:
+            operator_type = EKFAC if kind == "ekfac" else KFAC
+            names = [layer.name for layer in self.layers]
+            self._kronecker[kind] = operator_type(self.model, self.task.loss_function, self.train_data, modules=names)
+        return self._kronecker[kind]
 
-    @property
+    @cached_property
     def damping(self) -> float:
-        def default() -> float:
-            ekfac = self.kronecker("ekfac")
-            value = self.damping_ratio * float(ekfac.trace()) / ekfac.dim
-            logger.info("damping %.3g = %g × mean GGN eigenvalue", value, self.damping_ratio)
-            return value
-
-        return self._cached("damping", default)
+        ekfac = self.kronecker("ekfac")
+        value = self.damping_ratio * float(ekfac.trace()) / ekfac.dim
+        logger.info("damping %.3g = %g × mean GGN eigenvalue", value, self.damping_ratio)
+        return value
 
 
 def _example_gradients(item: Captured, start: int, stop: int) -> torch.Tensor:
