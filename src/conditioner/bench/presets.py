@@ -153,7 +153,18 @@ PRESETS: dict[str, Preset] = {
             eval_every=100,
             optimizers=ALL_WITH_PEERS,
             val_limit=2000,
-            settings=IMAGE_GUESSES,
+            settings={
+                **IMAGE_GUESSES,
+                "adamw": {"lr": 9e-3},
+                "soap": {"lr": 9e-3},
+                "ecshampoo": {"lr": 3e-3},
+                "ecshampoo-adaptive": {"lr": 3e-3},
+            },
+            lr_source=(
+                "sweep on seed 0 of adamw soap ecshampoo ecshampoo-adaptive over factors 1/3, 1, 3: "
+                "conditioner bench --preset fashion-cnn --optimizers adamw soap ecshampoo ecshampoo-adaptive "
+                "--lr-sweep --seeds 0 --threads 1"
+            ),
         ),
         Preset(
             name="mnist5k-mlp",
