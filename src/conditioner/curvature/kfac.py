@@ -149,10 +149,15 @@ def _eigh(factors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]
     return results
 
 
+def check_positive(name: str, value: float) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` unless it is positive and finite."""
+    if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def check_damping(damping: float) -> float:
-    if not isinstance(damping, (int, float)) or not damping > 0 or damping == float("inf"):
-        raise ValueError(f"damping: must be a positive finite number, got {damping!r}")
-    return float(damping)
+    return check_positive("damping", damping)
 
 
 class KroneckerOperator(CurvatureOperator):

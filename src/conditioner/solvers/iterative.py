@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
-import logging
-
 import torch
 
+from conditioner.curvature.kfac import check_positive
 from conditioner.curvature.operator import CurvatureOperator
 from conditioner.solvers.result import SolveResult
 
@@ -37,10 +37,6 @@ def _check_count(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
-
 
 def conjugate_gradient(
     operator: CurvatureOperator,
@@ -54,7 +50,7 @@ def conjugate_gradient(
     below ``tolerance`` or ``max_iterations`` products were spent. Exact in at most ``P`` steps
     in exact arithmetic; the residual is tracked by the recurrence and recomputed at the end."""
     _check_count("max_iterations", max_iterations, 1)
-    _check_positive("tolerance", tolerance)
+    check_positive("tolerance", tolerance)
     scale = _column_norms(v).clamp_min(torch.finfo(v.dtype).tiny)
     x = torch.zeros_like(v)
     residual = v.clone()
@@ -91,7 +87,7 @@ def lissa(
 ) -> SolveResult:
     """The stochastic Neumann series ``x ← x − α((B_b + λI) x − v)`` from ``x = 0``: after ``J`` steps
     ``x = α Σ_j (I − α(B + λI))ʲ v`` in expectation; it converges when ``α < 2 / (λ_max + λ)``."""
-    _check_positive("step_size", step_size)
+    check_positive("step_size", step_size)
     _check_count("iterations", iterations, 1)
     scale = _column_norms(v).clamp_min(torch.finfo(v.dtype).tiny)
     x = torch.zeros_like(v)
@@ -136,7 +132,7 @@ def astra(
     :func:`preconditioned_step_size` gives a stable ``α``. Should a mini-batch residual still grow
     tenfold over the first one, the iteration restarts from the EK-FAC answer with half the step,
     so it cannot run away."""
-    _check_positive("step_size", step_size)
+    check_positive("step_size", step_size)
     _check_count("iterations", iterations, 0)
     _check_count("halve_every", halve_every, 1)
     if not 0 <= momentum < 1:
