@@ -272,6 +272,7 @@ def test_lr_sweep_keeps_the_best_and_reuses_its_run(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(runner_module, "train_run", counting)
+    monkeypatch.setattr(runner_module, "EDGE_EXTENSIONS", 0)
     code = bench(tmp_path, "--optimizers", "adamw", "--steps", "10", "--seeds", "0", "1", "--lr-sweep", "0.01", "1")
     assert code == 0
     base = PRESETS["default"].setting("adamw")[0]
@@ -284,6 +285,42 @@ def test_lr_sweep_keeps_the_best_and_reuses_its_run(tmp_path, monkeypatch):
     assert results["results"]["adamw"]["summary"]["lr"] == pytest.approx(best["lr"])
     assert all(r["lr"] == pytest.approx(best["lr"]) for r in results["results"]["adamw"]["runs"])
     assert calls[2][2] == pytest.approx(best["lr"])
+
+
+def test_lr_sweep_extends_the_grid_past_an_edge_until_the_best_is_bracketed(tmp_path, monkeypatch):
+    """A fake loss that falls with the rate up to 9x the preset's: the grid 1/3, 1, 3 grows to
+    9 (still the best, on the edge) and 27 (worse), and stops there with 9 chosen."""
+    base = PRESETS["default"].setting("adamw")[0]
+
+    def fake_run(model, data, optimizer, lr, hyperparameters, **kwargs):
+        run = RunResult(optimizer, kwargs["seed"], lr, hyperparameters)
+        run.curve.step.append(0)
+        run.curve.wall_time.append(0.0)
+        run.curve.train_loss.append(None)
+        run.curve.val_loss.append(abs(math.log(lr / (9 * base))) + 1.0)
+        run.curve.val_accuracy.append(None)
+        return run
+
+    monkeypatch.setattr(runner_module, "train_run", fake_run)
+    assert bench(tmp_path, "--optimizers", "adamw", "--seed", "0", "--lr-sweep") == 0
+    sweep = json.loads((tmp_path / "out" / "results.json").read_text())["lr_sweep"]
+    assert [p["lr"] / base for p in sweep["points"]["adamw"]] == pytest.approx([1 / 3, 1, 3, 9, 27])
+    assert sweep["chosen"]["adamw"] == pytest.approx(9 * base)
+
+
+@pytest.mark.parametrize(
+    "losses, expected",
+    [
+        ({1 / 3: 3.0, 1.0: 2.0, 3.0: 1.0}, 9.0),
+        ({1 / 3: 1.0, 1.0: 2.0, 3.0: 3.0}, 1 / 9),
+        ({1 / 3: 2.0, 1.0: 1.0, 3.0: 3.0}, None),
+        ({1 / 3: 2.0, 1.0: 1.0, 3.0: math.inf}, None),
+        ({1 / 3: math.inf, 1.0: math.inf, 3.0: math.inf}, None),
+    ],
+)
+def test_beyond_edge(losses, expected):
+    result = runner_module._beyond_edge(sorted(losses), losses)
+    assert result == (None if expected is None else pytest.approx(expected))
 
 
 def test_help_and_version(capsys):

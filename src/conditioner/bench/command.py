@@ -19,7 +19,7 @@ import torch
 
 from conditioner.bench.optimizers import MEMORY, OPTIMIZERS, OURS, PEERS, unavailable_reason
 from conditioner.bench.presets import PRESETS
-from conditioner.bench.runner import DEFAULT_SWEEP, BenchResults, Runner, prepare_data
+from conditioner.bench.runner import DEFAULT_SWEEP, EDGE_EXTENSIONS, BenchResults, Runner, prepare_data
 from conditioner.commandline import (
     CommandError,
     non_negative_int,
@@ -63,7 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         nargs="*",
         metavar="FACTOR",
         help="first tune each optimizer's learning rate on seed 0 over the preset's rate times each FACTOR "
-        f"(default factors: {' '.join(f'{f:.3g}' for f in DEFAULT_SWEEP)}), keeping the best final validation loss",
+        f"(default factors: {' '.join(f'{f:.3g}' for f in DEFAULT_SWEEP)}), keeping the best final validation loss; "
+        f"a best rate on the grid's edge extends the grid past it (at most {EDGE_EXTENSIONS} more points)",
     )
     parser.add_argument("--save-model", action="store_true", help="save each run's final model to OUT/models/")
     parser.add_argument("--heavyball-compile", action="store_true", help="let heavyball use torch.compile (slow start)")

@@ -9,8 +9,10 @@ across seeds; the seeds vary initialisation and data order.
 
 ``--lr-sweep``: each optimizer first trains on seed 0 at its preset learning rate times each
 factor of the grid; the rate with the lowest final validation loss (diverged runs excluded) is
-kept for the requested seeds. When seed 0 is requested too, the sweep's run at the chosen rate
-is reused as the seed-0 run (it is the same computation).
+kept for the requested seeds. When the best rate is the grid's largest or smallest, the grid
+grows past that edge by the ratio of its two outermost factors, up to :data:`EDGE_EXTENSIONS`
+times, so that the chosen rate is bracketed rather than clipped. When seed 0 is requested too,
+the sweep's run at the chosen rate is reused as the seed-0 run (it is the same computation).
 
 Runs finish one at a time; ``on_update`` is called after each one (the command writes
 ``results.json`` there), and a ``KeyboardInterrupt`` ends the plan with the finished runs kept
@@ -38,6 +40,22 @@ from conditioner.data import Dataset
 
 DEFAULT_SWEEP = (1 / 3, 1.0, 3.0)
 SWEEP_SEED = 0
+EDGE_EXTENSIONS = 2
+"""Grid points a sweep may add, one at a time, beyond the edge that holds the best rate."""
+
+
+def _beyond_edge(factors: list[float], losses: dict[float, float]) -> float | None:
+    """The next factor past the grid's edge when the best finite loss sits on that edge (the
+    same ratio as between the edge and its neighbour), else ``None``: the best is bracketed."""
+    finite = {f: loss for f, loss in losses.items() if math.isfinite(loss)}
+    if len(factors) < 2 or not finite:
+        return None
+    best = min(finite, key=finite.__getitem__)
+    if best == factors[-1]:
+        return factors[-1] * factors[-1] / factors[-2]
+    if best == factors[0]:
+        return factors[0] * factors[0] / factors[1]
+    return None
 
 
 @dataclass
@@ -170,17 +188,30 @@ class Runner:
         self.on_update(self.results)
 
     def _sweep(self, optimizer: str) -> tuple[float, tuple[RunResult, nn.Module] | None]:
-        """Try each rate of the grid on the sweep seed; return the best and its run."""
+        """Try each rate of the grid on the sweep seed, extending the grid past an edge that
+        holds the best rate (see :data:`EDGE_EXTENSIONS`); return the best rate and its run."""
         base, _ = self.preset.setting(optimizer)
+        factors = sorted(self.sweep or ())
+        losses: dict[float, float] = {}
         best: tuple[float, float, tuple[RunResult, nn.Module] | None] = (math.inf, base, None)
         points = self.results.sweeps.setdefault(optimizer, [])
-        for factor in self.sweep or ():
+        pending = list(factors)
+        extensions = 0
+        while pending:
+            factor = pending.pop(0)
             lr = base * factor
             run, model = self._train(optimizer, SWEEP_SEED, lr, f"sweep {optimizer} lr={lr:.3g}")
             points.append(SweepPoint(lr, run.final_val_loss, run.status))
-            if run.status == "ok" and run.final_val_loss < best[0]:
-                best = (run.final_val_loss, lr, (run, model))
+            losses[factor] = run.final_val_loss if run.status == "ok" else math.inf
+            if losses[factor] < best[0]:
+                best = (losses[factor], lr, (run, model))
             self.on_update(self.results)
+            if not pending and extensions < EDGE_EXTENSIONS:
+                beyond = _beyond_edge(factors, losses)
+                if beyond is not None:
+                    factors = sorted([*factors, beyond])
+                    pending.append(beyond)
+                    extensions += 1
         return best[1], best[2]
 
     def _warm_up(self) -> None:
