@@ -125,7 +125,7 @@ PRESETS: dict[str, Preset] = {
             model_kwargs={"hidden": [256, 256]},
             batch_size=128,
             steps=2000,
-            eval_every=100,
+            eval_every=50,
             optimizers=ALL_WITH_PEERS,
             val_limit=5000,
             # Our optimizers and the baselines from their own sweep (docs/benchmarks.md); the
@@ -150,7 +150,7 @@ PRESETS: dict[str, Preset] = {
             model_kwargs={"channels": [16, 32, 64]},
             batch_size=128,
             steps=1500,
-            eval_every=100,
+            eval_every=50,
             optimizers=ALL_WITH_PEERS,
             val_limit=2000,
             settings={
