@@ -196,18 +196,24 @@ PRESETS: dict[str, Preset] = {
             optimizers=ALL_WITH_PEERS,
             val_limit=256,
             settings={
-                "adamw": {"lr": 3e-3, "betas": [0.9, 0.95]},
+                "adamw": {"lr": 9e-3, "betas": [0.9, 0.95]},
                 "sgd": {"lr": 0.1},
                 "shampoo": {"lr": 1e-3},
-                "soap": {"lr": 3e-3},
-                "ecshampoo": {"lr": 3e-3},
-                "ecshampoo-adaptive": {"lr": 3e-3},
-                "heavyball-soap": {"lr": 3e-3},
+                "soap": {"lr": 9e-3},
+                "ecshampoo": {"lr": 9e-3},
+                "ecshampoo-adaptive": {"lr": 9e-3},
+                "heavyball-soap": {"lr": 9e-3},
                 "heavyball-psgdkron": {"lr": 1e-3},
                 "heavyball-muon": {"lr": 0.02},
-                "pto-soap": {"lr": 3e-3},
+                "pto-soap": {"lr": 9e-3},
                 "pto-shampoo": {"lr": 0.01},
             },
+            lr_source=(
+                "sweep on seed 0 of adamw soap ecshampoo ecshampoo-adaptive over 0.001, 0.003, 0.009, 0.027: "
+                "conditioner bench --preset chars-gpt --optimizers adamw soap ecshampoo --lr-sweep --seeds 0 "
+                "--threads 1 from 0.003, then --lr-sweep 3 from 0.009; the SOAP peers use SOAP's rate; sgd, "
+                "shampoo and the other peers are guesses"
+            ),
         ),
     ]
 }
