@@ -7,6 +7,7 @@ leaves the runs it finished. Non-finite numbers are written as ``null``.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -152,9 +153,12 @@ def _clean(value: Any) -> Any:
 
 def _versions() -> dict[str, str]:
     versions = {"conditioner": conditioner.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    for module in ("heavyball", "pytorch_optimizer"):
+    for module, distribution in (("heavyball", "heavyball"), ("pytorch_optimizer", "pytorch-optimizer")):
         if module in sys.modules:
-            versions[module] = getattr(sys.modules[module], "__version__", "unknown")
+            try:
+                versions[module] = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                versions[module] = getattr(sys.modules[module], "__version__", "unknown")
     return versions
 
 
