@@ -209,10 +209,9 @@ PRESETS: dict[str, Preset] = {
                 "pto-shampoo": {"lr": 0.01},
             },
             lr_source=(
-                "sweep on seed 0 of adamw soap ecshampoo ecshampoo-adaptive over 0.001, 0.003, 0.009, 0.027: "
-                "conditioner bench --preset chars-gpt --optimizers adamw soap ecshampoo --lr-sweep --seeds 0 "
-                "--threads 1 from 0.003, then --lr-sweep 3 from 0.009; the SOAP peers use SOAP's rate; sgd, "
-                "shampoo and the other peers are guesses"
+                "sweep on seed 0 of adamw soap ecshampoo over 0.001, 0.003, 0.009, 0.027 and of "
+                "ecshampoo-adaptive over 0.003, 0.009, 0.027 (docs/benchmarks.md); the SOAP peers use "
+                "SOAP's rate; sgd, shampoo and the other peers are guesses"
             ),
         ),
     ]
