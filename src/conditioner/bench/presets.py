@@ -158,6 +158,8 @@ PRESETS: dict[str, Preset] = {
             settings={
                 **IMAGE_GUESSES,
                 "adamw": {"lr": 9e-3},
+                "sgd": {"lr": 0.05},
+                "shampoo": {"lr": 9e-3},
                 "soap": {"lr": 9e-3},
                 "ecshampoo": {"lr": 3e-3},
                 "ecshampoo-adaptive": {"lr": 3e-3},
@@ -169,7 +171,8 @@ PRESETS: dict[str, Preset] = {
             lr_source=(
                 "sweep on seed 0 of adamw soap ecshampoo ecshampoo-adaptive over factors 1/3, 1, 3 and 9 for "
                 "adamw and soap: conditioner bench --preset fashion-cnn --optimizers adamw soap ecshampoo "
-                "ecshampoo-adaptive --lr-sweep --seeds 0 --threads 1; the SOAP peers use SOAP's rate"
+                "ecshampoo-adaptive --lr-sweep --seeds 0 --threads 1, and --optimizers sgd shampoo --lr-sweep; "
+                "the SOAP peers use SOAP's rate"
             ),
         ),
         Preset(
