@@ -9,8 +9,8 @@ other in one process. Prints one JSON line per run (final validation loss, eigen
 training seconds, and the steps and seconds to reach AdamW's final validation loss when
 ``adamw`` is among the variants), then the mean over seeds per variant.
 
-Usage: python benchmarks/bench_variants.py [--preset fashion-mlp] [--seeds 0 1 2] [--steps N]
-           [--threads 1] [--json FILE] VARIANT [VARIANT ...]
+Usage: python benchmarks/bench_variants.py VARIANT [VARIANT ...] [--preset fashion-mlp] [--seeds 0 1 2]
+           [--steps N] [--threads 1] [--json FILE]   (the variants first: --seeds takes several values)
 """
 
 from __future__ import annotations
