@@ -67,9 +67,8 @@ def main() -> None:
     runs = [run for variant in args.variants for run in run_variant(preset, data, variant, args.seeds)]
     targets = {r["seed"]: r["final_val_loss"] for r in runs if r["variant"].split(":")[0] == "adamw"}
     for run in runs:
-        c = run.pop("curve")
+        c = run["curve"]
         run["steps_to_ref"], run["secs_to_ref"] = steps_to_target(c["step"], c["wall_time"], c["val_loss"], targets.get(run["seed"]))
-        run["curve"] = c
         print(json.dumps({k: v for k, v in run.items() if k != "curve"}), flush=True)
     for variant in args.variants:
         mine = [r for r in runs if r["variant"] == variant]

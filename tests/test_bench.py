@@ -319,7 +319,7 @@ def test_lr_sweep_extends_the_grid_past_an_edge_until_the_best_is_bracketed(tmp_
     ],
 )
 def test_beyond_edge(losses, expected):
-    result = runner_module._beyond_edge(sorted(losses), losses)
+    result = runner_module._beyond_edge(losses)
     assert result == (None if expected is None else pytest.approx(expected))
 
 

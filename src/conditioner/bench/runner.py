@@ -44,9 +44,11 @@ EDGE_EXTENSIONS = 2
 """Grid points a sweep may add, one at a time, beyond the edge that holds the best rate."""
 
 
-def _beyond_edge(factors: list[float], losses: dict[float, float]) -> float | None:
-    """The next factor past the grid's edge when the best finite loss sits on that edge (the
-    same ratio as between the edge and its neighbour), else ``None``: the best is bracketed."""
+def _beyond_edge(losses: dict[float, float]) -> float | None:
+    """The next factor past the edge of the grid tried so far (``losses`` by factor) when the
+    best finite loss sits on that edge (the same ratio as between the edge and its neighbour),
+    else ``None``: the best is bracketed."""
+    factors = sorted(losses)
     finite = {f: loss for f, loss in losses.items() if math.isfinite(loss)}
     if len(factors) < 2 or not finite:
         return None
@@ -191,14 +193,13 @@ class Runner:
         """Try each rate of the grid on the sweep seed, extending the grid past an edge that
         holds the best rate (see :data:`EDGE_EXTENSIONS`); return the best rate and its run."""
         base, _ = self.preset.setting(optimizer)
-        factors = sorted(self.sweep or ())
         losses: dict[float, float] = {}
         best: tuple[float, float, tuple[RunResult, nn.Module] | None] = (math.inf, base, None)
         points = self.results.sweeps.setdefault(optimizer, [])
-        pending = list(factors)
+        queue = sorted(self.sweep or ())
         extensions = 0
-        while pending:
-            factor = pending.pop(0)
+        while queue:
+            factor = queue.pop(0)
             lr = base * factor
             run, model = self._train(optimizer, SWEEP_SEED, lr, f"sweep {optimizer} lr={lr:.3g}")
             points.append(SweepPoint(lr, run.final_val_loss, run.status))
@@ -206,12 +207,9 @@ class Runner:
             if losses[factor] < best[0]:
                 best = (losses[factor], lr, (run, model))
             self.on_update(self.results)
-            if not pending and extensions < EDGE_EXTENSIONS:
-                beyond = _beyond_edge(factors, losses)
-                if beyond is not None:
-                    factors = sorted([*factors, beyond])
-                    pending.append(beyond)
-                    extensions += 1
+            if not queue and extensions < EDGE_EXTENSIONS and (beyond := _beyond_edge(losses)) is not None:
+                queue.append(beyond)
+                extensions += 1
         return best[1], best[2]
 
     def _warm_up(self) -> None:
