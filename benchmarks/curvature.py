@@ -58,6 +58,21 @@ def timed(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def time_alternately(
+    ours: Callable[[int], tuple], theirs: Callable[[int], tuple], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Seconds and product counts (each call's last result) of ``ours(seed)`` and ``theirs(seed)``,
+    alternating, for seeds 1..repeats."""
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    steps: dict[str, list[int]] = {"ours": [], "theirs": []}
+    for seed in range(1, repeats + 1):
+        for side, function in (("ours", ours), ("theirs", theirs)):
+            seconds, result = timed(lambda: function(seed))
+            times[side].append(seconds)
+            steps[side].append(result[-1])
+    return times, steps
+
+
 def build_ours(kind: str, model: nn.Module, data: list) -> Any:
     operator_type = KFAC if kind == "kfac" else EKFAC
     return operator_type(model, nn.CrossEntropyLoss(), data, fisher_type="exact", weight_sharing="expand")
@@ -220,15 +235,11 @@ def compare_pyhessian(
     )
     if eig_difference > eig_rtol:
         raise AssertionError(f"{name}: top eigenvalues differ by {eig_difference:.2e} > {eig_rtol:g}; not timing")
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    steps: dict[str, list[int]] = {"ours": [], "theirs": []}
-    for seed in range(1, repeats + 1):
-        seconds, (_, count) = timed(lambda seed=seed: top_eigenvalue_ours(operator, seed, lanczos_tol))
-        times["ours"].append(seconds)
-        steps["ours"].append(count)
-        seconds, (_, count) = timed(lambda seed=seed: top_eigenvalue_theirs(model, data, seed))
-        times["theirs"].append(seconds)
-        steps["theirs"].append(count)
+    times, steps = time_alternately(
+        lambda seed: top_eigenvalue_ours(operator, seed, lanczos_tol),
+        lambda seed: top_eigenvalue_theirs(model, data, seed),
+        repeats,
+    )
     rows.append(
         pyhessian_row(
             name,
@@ -262,15 +273,11 @@ def compare_pyhessian(
     )
     if abs(ours_trace - theirs_trace) > 4 * combined:
         raise AssertionError(f"{name}: traces differ by more than 4 standard errors; not timing")
-    times = {"ours": [], "theirs": []}
-    steps = {"ours": [], "theirs": []}
-    for seed in range(1, repeats + 1):
-        seconds, (_, _, count) = timed(lambda seed=seed: trace_ours(operator, probes, seed, chunk))
-        times["ours"].append(seconds)
-        steps["ours"].append(count)
-        seconds, (_, _, count) = timed(lambda seed=seed: trace_theirs(model, data, probes, seed))
-        times["theirs"].append(seconds)
-        steps["theirs"].append(count)
+    times, steps = time_alternately(
+        lambda seed: trace_ours(operator, probes, seed, chunk),
+        lambda seed: trace_theirs(model, data, probes, seed),
+        repeats,
+    )
     rows.append(
         pyhessian_row(
             name,
