@@ -39,6 +39,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pyhessian
@@ -67,7 +68,7 @@ def time_alternately(
     steps: dict[str, list[int]] = {"ours": [], "theirs": []}
     for seed in range(1, repeats + 1):
         for side, function in (("ours", ours), ("theirs", theirs)):
-            seconds, result = timed(lambda: function(seed))
+            seconds, result = timed(partial(function, seed))
             times[side].append(seconds)
             steps[side].append(result[-1])
     return times, steps

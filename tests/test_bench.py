@@ -4,6 +4,7 @@ errors, Ctrl-C, missing peers and data, the learning-rate sweep."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -20,6 +21,7 @@ from conditioner.bench.report import format_table
 from conditioner.bench.runner import BenchResults, initial_model, prepare_data
 from conditioner.bench.summary import describe, steps_to_target, summarize
 from conditioner.bench.training import BatchOrder, Curve, RunResult, train_run
+from conditioner.commandline import add_run_options, run_command
 from conditioner.data import DataUnavailableError, load_dataset
 
 
@@ -329,3 +331,17 @@ def test_help_and_version(capsys):
     assert exit.value.code == 0 and "conditioner" in capsys.readouterr().out
     assert cli.main([]) == 0 and "bench" in capsys.readouterr().out
     assert cli.main(["bench", "--list"]) == 0 and "chars-gpt" in capsys.readouterr().out
+
+
+def test_threads_option_is_applied_before_the_command_runs(monkeypatch):
+    applied = []
+    monkeypatch.setattr(torch, "set_num_threads", applied.append)
+    seen = []
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    args = parser.parse_args(["--threads", "3", "--no-progress"])
+    assert run_command("test", lambda a: seen.append(list(applied)) or 0, args, "interrupted") == 0
+    assert seen == [[3]] and args.no_progress
+    applied.clear()
+    assert run_command("test", lambda a: 0, parser.parse_args([]), "interrupted") == 0
+    assert applied == []

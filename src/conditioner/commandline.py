@@ -48,10 +48,21 @@ def writable_folder(out: Path) -> Path:
     return out
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every long-running subcommand shares: ``--threads`` (applied by
+    :func:`run_command`) and ``--no-progress``."""
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace, interrupted: str) -> int:
-    """Run ``conditioner NAME``: a :class:`CommandError` is one line on stderr and status 2,
-    Ctrl-C prints ``interrupted`` and gives status 130."""
+    """Run ``conditioner NAME`` with ``--threads`` applied first: a :class:`CommandError` is one
+    line on stderr and status 2, Ctrl-C prints ``interrupted`` and gives status 130."""
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return run(args)
     except CommandError as error:
         print(f"conditioner {name}: error: {error}", file=sys.stderr)

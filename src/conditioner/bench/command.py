@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from conditioner.bench.optimizers import MEMORY, OPTIMIZERS, OURS, PEERS, unavailable_reason
 from conditioner.bench.presets import PRESETS
 from conditioner.bench.runner import DEFAULT_SWEEP, EDGE_EXTENSIONS, BenchResults, Runner, prepare_data
 from conditioner.commandline import (
     CommandError,
+    add_run_options,
     non_negative_int,
     positive_float,
     positive_int,
@@ -68,8 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--save-model", action="store_true", help="save each run's final model to OUT/models/")
     parser.add_argument("--heavyball-compile", action="store_true", help="let heavyball use torch.compile (slow start)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(parser)
     parser.add_argument("--list", action="store_true", help="list presets and optimizers, then exit")
     parser.set_defaults(func=main)
     return parser
@@ -127,8 +125,6 @@ def _run(args: argparse.Namespace) -> int:
     preset = preset.replace(seeds=tuple(seeds))
     out = writable_folder(args.out if args.out is not None else Path("bench-out") / preset.name)
     sweep = None if args.lr_sweep is None else tuple(args.lr_sweep or DEFAULT_SWEEP)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for reason in skipped.values():
         print(f"conditioner bench: {reason}", file=sys.stderr)
     try:

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from conditioner.commandline import CommandError, non_negative_int, positive_int, run_command, writable_folder
+from conditioner.commandline import (
+    CommandError,
+    add_run_options,
+    non_negative_int,
+    positive_int,
+    run_command,
+    writable_folder,
+)
 from conditioner.data import Dataset
 
 OPERATORS = ("hessian", "ggn")
@@ -60,8 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--seed", type=non_negative_int, default=0, help="seed of examples, probes, built-in model (default: 0)"
     )
     parser.add_argument("--out", type=Path, default=Path("spectrum-out"), help="output folder (default: spectrum-out)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(parser)
     parser.set_defaults(func=main)
     return parser
 
@@ -270,8 +276,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.top_k > args.lanczos_steps:
         raise CommandError(f"--top-k ({args.top_k}) must be at most --lanczos-steps ({args.lanczos_steps})")
     out = writable_folder(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, dataset, source = _model(args)
     model.eval()
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -17,9 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from conditioner.commandline import CommandError, bounded, non_negative_int, positive_int, run_command, writable_folder
+from conditioner.commandline import (
+    CommandError,
+    add_run_options,
+    bounded,
+    non_negative_int,
+    positive_int,
+    run_command,
+    writable_folder,
+)
 from conditioner.influence.experiments import EXPERIMENTS, evaluate, lds_measurements, prepare, score_methods
 from conditioner.influence.scores import METHODS
 
@@ -52,8 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=256, help="batch size of the curvature passes (default 256)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subsets and stochastic solvers")
     parser.add_argument("--out", type=Path, default=Path("influence-out"), help="output folder (default influence-out)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(parser)
     parser.set_defaults(func=main)
     return parser
 
@@ -71,8 +76,6 @@ def _run(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     if not args.fraction < 1:
         raise CommandError(f"--fraction must be in (0, 1), got {args.fraction}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = writable_folder(args.out)
     progress = not args.no_progress
     report: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
