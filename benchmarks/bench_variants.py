@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from conditioner.bench.presets import PRESETS, Preset
-from conditioner.bench.runner import Runner, prepare_data
-from conditioner.bench.summary import steps_to_target
-from conditioner.data import load_dataset
+from conditioner.app.bench.presets import PRESETS, Preset
+from conditioner.app.bench.runner import Runner, prepare_data
+from conditioner.app.bench.summary import steps_to_target
+from conditioner.app.data import load_dataset
 
 
 def parse_variant(text: str) -> tuple[str, float, dict[str, Any]]:

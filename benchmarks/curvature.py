@@ -1,4 +1,4 @@
-"""Curvature against curvlinops (K-FAC / EK-FAC) and PyHessian (top eigenvalue, trace), on real Fashion-MNIST.
+"""InfluenceContext against curvlinops (K-FAC / EK-FAC) and PyHessian (top eigenvalue, trace), on real Fashion-MNIST.
 
 Part ``kfac``:
 
@@ -47,10 +47,10 @@ import torch
 from curvlinops import EKFACLinearOperator, KFACLinearOperator
 from torch import nn
 
-from conditioner.bench.models import MLP, SmallCNN
+from conditioner.app.models import MLP, SmallCNN
 from conditioner.curvature import EKFAC, KFAC, Hessian
 from conditioner.curvature.spectra import hutchinson_trace, lanczos
-from conditioner.data import load_dataset
+from conditioner.app.data import load_dataset
 
 
 def timed(function: Callable[[], Any]) -> tuple[float, Any]:

@@ -1,7 +1,7 @@
 """conditioner's EK-FAC influence against kronfluence's, on the same model, data and queries.
 
 For each experiment of ``conditioner influence`` (concrete, digits) this trains the model once
-(:func:`conditioner.influence.experiments.prepare`) and scores the queries against every training
+(:func:`conditioner.app.attribution.prepare`) and scores the queries against every training
 example with
 
 - ``conditioner``: our EK-FAC (exact expectation over the model's predictive distribution, no
@@ -55,9 +55,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from conditioner.curvature.kfac import EKFAC
-from conditioner.influence.experiments import EXPERIMENTS, Prepared, lds_measurements, prepare
+from conditioner.app.attribution import EXPERIMENTS, Prepared, lds_measurements, prepare
 from conditioner.influence.lds import linear_datamodeling_score
-from conditioner.influence.scores import Curvature, influence, train_batches
+from conditioner.influence.scores import InfluenceContext, influence, train_batches
 from conditioner.influence.task import Task as OurTask
 
 
@@ -157,7 +157,7 @@ class Kronfluence:
 def ours(prepared: Prepared, damping: float, batch_size: int, fisher_type: str = "exact") -> tuple[torch.Tensor, float, float]:
     """Our EK-FAC scores, the seconds they took (curvature included) and the EK-FAC trace."""
     data = train_batches(prepared.x_train, prepared.y_train, batch_size)
-    curvature = Curvature(prepared.model, prepared.experiment.task, data)
+    curvature = InfluenceContext(prepared.model, prepared.experiment.task, data)
     start = time.perf_counter()
     if fisher_type != "exact":
         names = [layer.name for layer in curvature.layers]
@@ -193,7 +193,7 @@ def run_experiment(name: str, args: argparse.Namespace) -> dict[str, Any]:
     experiment = EXPERIMENTS[name]
     prepared = prepare(experiment, args.queries, seed=args.seed)
     data = train_batches(prepared.x_train, prepared.y_train, args.batch_size)
-    damping = Curvature(prepared.model, experiment.task, data, args.damping_ratio).damping
+    damping = InfluenceContext(prepared.model, experiment.task, data, args.damping_ratio).damping
     print(f"{name}: {prepared.x_train.shape[0]} training examples, {prepared.queries[0].shape[0]} queries, "
           f"damping {damping:.4g} ({args.damping_ratio} × mean GGN eigenvalue)", flush=True)
     peer = Kronfluence(prepared, args.work_dir, args.batch_size)
@@ -247,7 +247,7 @@ def run_experiment(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     lds_start = time.perf_counter()
     masks, measurements = lds_measurements(prepared, args.subsets, args.fraction, args.repeats, args.cache_dir, args.seed,
-                                           progress=False)
+                                           progress=None)
     lds_seconds = time.perf_counter() - lds_start
     for row in rows.values():
         result = linear_datamodeling_score(row.pop("scores"), masks, measurements)

@@ -1,4 +1,4 @@
-"""conditioner.blocks: how parameters become blocks, and blocks become stacks (ALGORITHMS.md §0)."""
+"""conditioner.blocks: how parameters become blocks, and blocks become stacks (docs/algorithms.md §0)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_merging_never_takes_away_the_preconditioning_of_a_matrix():
     and then treating it as a 1-D parameter (precondition_1d=False) turns the layer into plain
     Adam: EigenvalueCorrectedShampoo and Shampoo, whose defaults are merge_dims=True and
     max_preconditioner_dim=1024, would not precondition any weight with at most 1024 entries
-    (nn.Linear(32, 32), or the conv kernel [8, 4, 3, 3] that ALGORITHMS.md §0 says becomes
+    (nn.Linear(32, 32), or the conv kernel [8, 4, 3, 3] that docs/algorithms.md §0 says becomes
     [out, in·kh·kw])."""
     for shape in [(32, 32), (8, 4, 3, 3), (6, 5)]:
         unmerged = blocks_of(shape, 0, BlockPolicy(1024, split_large_dims=True))

@@ -1,11 +1,11 @@
 """conditioner: eigenbasis preconditioning for deep learning."""
 
 from conditioner.optim import (
+    SOAP,
     EigenvalueCorrectedShampoo,
     Muon,
     NonFiniteGradientError,
     Shampoo,
-    SOAP,
     StateMemory,
     state_bytes,
     state_memory,

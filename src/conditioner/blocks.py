@@ -1,4 +1,4 @@
-"""How parameters become stacks of equal-shape blocks (ALGORITHMS.md §0).
+"""How parameters become stacks of equal-shape blocks (docs/algorithms.md §0).
 
 A parameter is viewed as a tensor of order k after squeezing size-1 dimensions and, optionally,
 merging neighbouring small dimensions. Each dimension is then either preconditioned (it gets a

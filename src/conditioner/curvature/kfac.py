@@ -33,12 +33,13 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from conditioner.checks import check_choice, check_count, check_positive
 from conditioner.curvature.layers import Layer, find_layers
 from conditioner.curvature.losses import FISHER_TYPES, FisherType, LossSpec
 from conditioner.curvature.operator import CurvatureOperator, batches
 from conditioner.linalg import safe_eigh
+from conditioner.progress import Progress, check_progress, tracked
 
 WeightSharing = Literal["expand", "reduce"]
 _CHUNK_ELEMENTS = 1 << 24
@@ -149,17 +150,6 @@ def _eigh(factors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]
     return results
 
 
-def check_positive(name: str, value: float) -> float:
-    """``value`` as a float, or a ValueError naming ``name`` unless it is positive and finite."""
-    if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def check_damping(damping: float) -> float:
-    return check_positive("damping", damping)
-
-
 class KroneckerOperator(CurvatureOperator):
     """A block-diagonal operator with one Kronecker-structured block per layer."""
 
@@ -183,7 +173,7 @@ class KroneckerOperator(CurvatureOperator):
 
     def inverse(self, damping: float) -> KroneckerInverse:
         """``(B + damping·I)⁻¹`` applied in the eigenbasis, ``B`` this operator."""
-        return KroneckerInverse(self, check_damping(damping))
+        return KroneckerInverse(self, check_positive("damping", damping))
 
     def eigenvalues(self) -> torch.Tensor:
         """All eigenvalues of the (block-diagonal) operator, unsorted, as one flat vector."""
@@ -195,7 +185,7 @@ class KroneckerOperator(CurvatureOperator):
     def logdet(self, damping: float = 0.0) -> torch.Tensor:
         """``log det(B + damping·I)``; ``-inf`` when that matrix is singular."""
         if damping != 0.0:
-            check_damping(damping)
+            check_positive("damping", damping)
         return (self.eigenvalues() + damping).log().sum()
 
 
@@ -233,14 +223,11 @@ class KFAC(KroneckerOperator):
         skip_unsupported: bool = False,
         modules: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: Progress | None = None,
     ) -> None:
-        if fisher_type not in FISHER_TYPES:
-            raise ValueError(f"fisher_type: must be one of {FISHER_TYPES}, got {fisher_type!r}")
-        if weight_sharing not in ("expand", "reduce"):
-            raise ValueError(f"weight_sharing: must be 'expand' or 'reduce', got {weight_sharing!r}")
-        if not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples: must be a positive integer, got {samples!r}")
+        check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
+        check_count("samples", samples, 1)
         self.model = model
         self.spec = LossSpec.from_module(loss_function)
         self.data = data
@@ -248,13 +235,13 @@ class KFAC(KroneckerOperator):
         self.samples = samples
         self.weight_sharing = weight_sharing
         self.generator = generator
-        self.progress = progress
+        self.progress = check_progress(progress)
         layers = find_layers(model, skip_unsupported, modules)
         super().__init__([p for layer in layers for p in layer.params])
         self.blocks = self._factor_blocks(layers)
 
     def _passes(self, layers: list[Layer], description: str) -> Iterator[tuple[int, int, list[Captured]]]:
-        for inputs, targets in tqdm(batches(self.data), desc=description, disable=not self.progress, leave=False):
+        for inputs, targets in tracked(batches(self.data), self.progress, description):
             def cotangents_of(output: torch.Tensor, targets: torch.Tensor = targets) -> tuple[torch.Tensor, torch.Tensor]:
                 rows, row_targets = self.spec.rows(output, targets)
                 return rows, self.spec.cotangents(rows, row_targets, self.fisher_type, self.samples, self.generator)

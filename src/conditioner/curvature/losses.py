@@ -1,6 +1,6 @@
 """What the curvature code needs to know about a loss function.
 
-Curvature is defined for the loss of a whole data set, ``L(θ) = c · Σ_r ℓ_r(θ)``, where the
+InfluenceContext is defined for the loss of a whole data set, ``L(θ) = c · Σ_r ℓ_r(θ)``, where the
 model's output is flattened to rows ``r`` (an example, or one position of a sequence), ``ℓ_r`` is
 the loss of one row with ``reduction="sum"``, and ``c`` is the reduction's normalisation: ``1``
 for ``"sum"``, ``1/R`` for mean cross-entropy over ``R`` rows, and ``1/(R·C)`` for mean squared
@@ -119,4 +119,4 @@ class LossSpec:
             probabilities = output.softmax(-1)
             drawn = torch.multinomial(probabilities, samples, replacement=True, generator=generator).mT
             return weight * (probabilities.unsqueeze(0) - functional.one_hot(drawn, classes).to(output.dtype))
-        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+        raise ValueError(f"fisher_type: must be one of {FISHER_TYPES}, got {fisher_type!r}")

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from conditioner.checks import check_count
+
 
 class Operator(Protocol):
     """What the functions here need of a symmetric ``(dim, dim)`` operator."""
@@ -70,11 +72,6 @@ def _operator(operator: Any) -> Operator:
             f"square tensor, got {type(operator).__name__}"
         )
     return operator
-
-
-def _positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
 
 
 def _rademacher(dim: int, count: int, op: Operator, generator: torch.Generator | None) -> torch.Tensor:
@@ -144,11 +141,11 @@ def lanczos(
     """
     op = _operator(operator)
     dim = op.dim
-    _positive("k", k)
+    check_count("k", k, 1)
     if k > dim:
         raise ValueError(f"k: must be at most the operator's dimension {dim}, got {k}")
     steps = min(dim, max(4 * k, 32)) if steps is None else steps
-    _positive("steps", steps)
+    check_count("steps", steps, 1)
     if steps < k:
         raise ValueError(f"steps: must be at least k ({k}), got {steps}")
     steps = min(steps, dim)
@@ -245,9 +242,9 @@ def slq(operator: Any, probes: int | torch.Tensor, steps: int, generator: torch.
         if bool((start.norm(dim=1) == 0).any()):
             raise ValueError("probes: every start vector must be nonzero")
     else:
-        _positive("probes", probes)
+        check_count("probes", probes, 1)
         start = _rademacher(dim, probes, op, generator).mT
-    _positive("steps", steps)
+    check_count("steps", steps, 1)
     steps = min(steps, dim)
     count = start.shape[0]
 
@@ -314,8 +311,8 @@ def hutchinson_trace(
     """Hutchinson's unbiased trace estimate, the mean of ``vᵀ A v`` over ``probes`` Rademacher vectors,
     with its standard error; ``chunk`` probes share each product (memory against passes)."""
     op = _operator(operator)
-    _positive("probes", probes)
-    _positive("chunk", chunk)
+    check_count("probes", probes, 1)
+    check_count("chunk", chunk, 1)
     estimate, error = _mean_and_error(_quadratic_forms(op, _rademacher(op.dim, probes, op, generator), chunk))
     return TraceEstimate(estimate, error, probes)
 
@@ -328,10 +325,10 @@ def hutchpp_trace(
     space with the remaining products. Its standard error is that of the Hutchinson part (the
     first part has none given the sketch); far smaller than Hutchinson's when the spectrum decays."""
     op = _operator(operator)
-    _positive("probes", probes)
+    check_count("probes", probes, 1)
     if probes < 3:
         raise ValueError(f"probes: Hutch++ needs at least 3, got {probes}")
-    _positive("chunk", chunk)
+    check_count("chunk", chunk, 1)
     sketch = probes // 3
     product = torch.cat([op.matmat(block) for block in _rademacher(op.dim, sketch, op, generator).split(chunk, 1)], 1)
     q, _ = torch.linalg.qr(product)

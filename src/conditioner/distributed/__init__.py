@@ -10,6 +10,6 @@
 """
 
 from conditioner.distributed.assignment import assign_lpt, decomposition_cost
-from conditioner.distributed.refresh import SpreadRefresh, Task, spread_refresh
+from conditioner.distributed.spread import BlockWork, SpreadRefresh, spread_refresh
 
-__all__ = ["SpreadRefresh", "Task", "assign_lpt", "decomposition_cost", "spread_refresh"]
+__all__ = ["SpreadRefresh", "BlockWork", "assign_lpt", "decomposition_cost", "spread_refresh"]

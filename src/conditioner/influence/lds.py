@@ -4,7 +4,7 @@ Draw ``M`` random subsets ``S_j`` of the training set, each a fraction ``α`` of
 (:func:`draw_subsets`); train ``R`` models on each and average a measurement of every query
 (:func:`retrain`); then, for each query ``q``, rank-correlate the predicted group effects
 ``Σ_{i ∈ S_j} scores[q, i]`` with the measurements across ``j``
-(:func:`linear_datamodeling_score`). See ALGORITHMS.md §8.
+(:func:`linear_datamodeling_score`). See docs/algorithms.md §8.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from conditioner.progress import Progress, check_progress, tracked
 
 TrainAndMeasure = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -51,7 +52,7 @@ def draw_subsets(num_train: int, count: int, fraction: float, seed: int) -> torc
 def subsets_fingerprint(subsets: torch.Tensor) -> str:
     """A hex digest that changes whenever the shape or any entry of the mask ``subsets`` does."""
     digest = hashlib.sha256(repr(tuple(subsets.shape)).encode())
-    digest.update(subsets.to(torch.uint8).contiguous().numpy().tobytes())
+    digest.update(bytes(subsets.to(torch.uint8).flatten().tolist()))
     return digest.hexdigest()
 
 
@@ -109,7 +110,7 @@ def retrain(
     cache_dir: str | os.PathLike[str],
     *,
     key: str,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Measurements ``(M, Q)`` of the queries after training on each subset, averaged over repeats.
 
@@ -127,6 +128,7 @@ def retrain(
         raise ValueError(f"subsets must be a bool mask (M, N), got {subsets.dtype} of shape {tuple(subsets.shape)}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    progress = check_progress(progress)
     subsets = subsets.cpu()
     folder = _cache_folder(cache_dir, subsets, key)
     tasks = [(j, r) for j in range(len(subsets)) for r in range(repeats)]
@@ -134,18 +136,16 @@ def retrain(
     missing = [task for task in tasks if results[task] is None]
     lengths = {len(result) for result in results.values() if result is not None}
     _check_lengths(lengths)
-    with tqdm(total=len(tasks), initial=len(tasks) - len(missing), desc="LDS retraining", disable=not progress) as bar:
-        for j, r in missing:
-            measured = torch.as_tensor(train_and_measure(subsets[j].clone(), r)).detach().cpu()
-            if measured.ndim != 1:
-                raise ValueError(f"train_and_measure must return a 1-D tensor (Q,), got shape {tuple(measured.shape)}")
-            lengths.add(len(measured))
-            _check_lengths(lengths)  # before saving: a wrong length must not enter the cache
-            buffer = io.BytesIO()
-            torch.save(measured.clone(), buffer)  # clone: save the values, not a larger storage
-            _atomic_write(_result_path(folder, j, r), buffer.getvalue())
-            results[j, r] = measured
-            bar.update()
+    for j, r in tracked(missing, progress, "LDS retraining"):
+        measured = torch.as_tensor(train_and_measure(subsets[j].clone(), r)).detach().cpu()
+        if measured.ndim != 1:
+            raise ValueError(f"train_and_measure must return a 1-D tensor (Q,), got shape {tuple(measured.shape)}")
+        lengths.add(len(measured))
+        _check_lengths(lengths)  # before saving: a wrong length must not enter the cache
+        buffer = io.BytesIO()
+        torch.save(measured.clone(), buffer)  # clone: save the values, not a larger storage
+        _atomic_write(_result_path(folder, j, r), buffer.getvalue())
+        results[j, r] = measured
     stacked = torch.stack([results[task].double() for task in tasks])
     return stacked.reshape(len(subsets), repeats, -1).mean(1)
 

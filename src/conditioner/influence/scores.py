@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from conditioner.checks import check_choice
 from conditioner.curvature.exact import GGN
 from conditioner.curvature.kfac import EKFAC, KFAC, Captured, capture
 from conditioner.curvature.layers import Layer, find_layers
 from conditioner.curvature.operator import CurvatureOperator, batches
 from conditioner.influence.task import Task
+from conditioner.progress import Progress, check_progress, tracked
 from conditioner.solvers import solve
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Influence:
 
 
 @dataclass
-class Curvature:
+class InfluenceContext:
     """What several methods can share for one model and training set: the tracked layers, the
     exact GGN, EK-FAC, and the default damping (computed once, on first use)."""
 
@@ -120,11 +121,11 @@ def _gradient_sides(model: nn.Module, task: Task, layers: list[Layer], inputs, t
 
 
 def flat_gradients(
-    curvature: Curvature, inputs: torch.Tensor, targets: torch.Tensor, measurement: bool
+    context: InfluenceContext, inputs: torch.Tensor, targets: torch.Tensor, measurement: bool
 ) -> torch.Tensor:
     """Per-example gradients of the measurement (``measurement=True``) or of the training loss,
     over the tracked parameters, as the columns of a ``(P, N)`` matrix."""
-    captured = _gradient_sides(curvature.model, curvature.task, curvature.layers, inputs, targets, measurement)
+    captured = _gradient_sides(context.model, context.task, context.layers, inputs, targets, measurement)
     columns = []
     for item in captured:
         matrices = _example_gradients(item, 0, inputs.shape[0])
@@ -133,43 +134,43 @@ def flat_gradients(
 
 
 def precondition(
-    curvature: Curvature, gradients: torch.Tensor, method: str, damping: float | None, generator: torch.Generator | None, **options: Any
+    context: InfluenceContext, gradients: torch.Tensor, method: str, damping: float | None, generator: torch.Generator | None, **options: Any
 ) -> tuple[torch.Tensor, float, float | None]:
     """``(B + λI)⁻¹`` applied to the columns of ``gradients``; returns it, λ and the last residual."""
     if method == "gradient":
         return gradients, 0.0, None
-    damping = curvature.damping if damping is None else damping
+    damping = context.damping if damping is None else damping
     if method in ("kfac", "ekfac"):
-        result = solve(curvature.kronecker(method), gradients, damping, method="direct")
+        result = solve(context.kronecker(method), gradients, damping, method="direct")
     else:
         result = solve(
-            curvature.ggn, gradients, damping, method=method, preconditioner=curvature.kronecker("ekfac"), generator=generator, **options
+            context.ggn, gradients, damping, method=method, preconditioner=context.kronecker("ekfac"), generator=generator, **options
         )
     residual = float(result.residuals[-1].max()) if result.residuals else None
     return result.solution, damping, residual
 
 
 def influence(
-    curvature: Curvature,
+    context: InfluenceContext,
     queries: tuple[torch.Tensor, torch.Tensor],
     method: str = "ekfac",
     damping: float | None = None,
     generator: torch.Generator | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
     **solver_options: Any,
 ) -> Influence:
-    """Scores of every query against every training example of ``curvature.train_data``."""
-    if method not in METHODS:
-        raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+    """Scores of every query against every training example of ``context.train_data``."""
+    check_choice("method", method, METHODS)
+    progress = check_progress(progress)
     start = time.perf_counter()
-    gradients = flat_gradients(curvature, *queries, measurement=True)
-    solution, damping, residual = precondition(curvature, gradients, method, damping, generator, **solver_options)
-    layers = curvature.layers
-    pieces = iter(CurvatureOperator(curvature.params).unflatten(solution))
+    gradients = flat_gradients(context, *queries, measurement=True)
+    solution, damping, residual = precondition(context, gradients, method, damping, generator, **solver_options)
+    layers = context.layers
+    pieces = iter(CurvatureOperator(context.params).unflatten(solution))
     preconditioned = [layer.to_matrix([next(pieces) for _ in layer.params]) for layer in layers]
     per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
-    for inputs, targets in tqdm(batches(curvature.train_data), desc=f"{method} scores", disable=not progress, leave=False):
-        captured = _gradient_sides(curvature.model, curvature.task, layers, inputs, targets, measurement=False)
+    for inputs, targets in tracked(batches(context.train_data), progress, f"{method} scores"):
+        captured = _gradient_sides(context.model, context.task, layers, inputs, targets, measurement=False)
         for index, (item, queries_matrix) in enumerate(zip(captured, preconditioned)):
             chunk = _chunk(item)
             for first in range(0, inputs.shape[0], chunk):
@@ -181,18 +182,17 @@ def influence(
 
 
 def self_influence(
-    curvature: Curvature, method: str = "ekfac", damping: float | None = None, generator: torch.Generator | None = None, chunk: int = 256, **solver_options: Any
+    context: InfluenceContext, method: str = "ekfac", damping: float | None = None, generator: torch.Generator | None = None, chunk: int = 256, **solver_options: Any
 ) -> torch.Tensor:
     """``∇ℓ(z_m)ᵀ (B + λI)⁻¹ ∇ℓ(z_m)`` for every training example (the score of an example on its
     own negative loss), solving for ``chunk`` examples at a time."""
-    if method not in METHODS:
-        raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     values = []
-    for inputs, targets in batches(curvature.train_data):
+    for inputs, targets in batches(context.train_data):
         for first in range(0, inputs.shape[0], chunk):
             part = (inputs[first : first + chunk], targets[first : first + chunk])
-            gradients = flat_gradients(curvature, *part, measurement=False)
-            solution, _, _ = precondition(curvature, gradients, method, damping, generator, **solver_options)
+            gradients = flat_gradients(context, *part, measurement=False)
+            solution, _, _ = precondition(context, gradients, method, damping, generator, **solver_options)
             values.append((gradients * solution).sum(0))
     return torch.cat(values)
 

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from conditioner.checks import check_choice
 from conditioner.curvature.losses import LossSpec
 
 Measurement = Literal["margin", "negative_absolute_error", "negative_loss"]
@@ -34,8 +35,7 @@ class Task:
 
     def __post_init__(self) -> None:
         spec = LossSpec.from_module(self.loss_function)
-        if self.measurement not in MEASUREMENTS:
-            raise ValueError(f"measurement: must be one of {MEASUREMENTS}, got {self.measurement!r}")
+        check_choice("measurement", self.measurement, MEASUREMENTS)
         if self.measurement == "margin" and spec.kind != "cross_entropy":
             raise ValueError("measurement: 'margin' needs a cross-entropy loss")
         if self.measurement == "negative_absolute_error" and spec.kind != "mse":

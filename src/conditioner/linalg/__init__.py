@@ -3,7 +3,8 @@
 from conditioner.linalg.eigh import Eigh, safe_eigh
 from conditioner.linalg.orthogonal import CUBIC_COEFFICIENTS, MUON_COEFFICIENTS, bjorck_rectify, newton_schulz
 from conditioner.linalg.quantize import Quantized, dequantize, dequantize_basis, quantize
-from conditioner.linalg.refresh import (
+from conditioner.linalg.roots import inverse_root_eigh, inverse_root_from_eigh, inverse_root_newton
+from conditioner.linalg.tracking import (
     QRRefresh,
     Staleness,
     dense_staleness,
@@ -14,7 +15,6 @@ from conditioner.linalg.refresh import (
     qr_refresh,
     staleness,
 )
-from conditioner.linalg.roots import inverse_root_eigh, inverse_root_from_eigh, inverse_root_newton
 
 __all__ = [
     "CUBIC_COEFFICIENTS",

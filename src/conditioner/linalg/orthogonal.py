@@ -1,6 +1,6 @@
 """Orthogonalisation by matrix products only: Newton–Schulz iterations toward the polar factor.
 
-``newton_schulz`` gives ``orth(G) = U Vᵀ`` for ``G = U Σ Vᵀ`` (Muon's update; ALGORITHMS.md §5).
+``newton_schulz`` gives ``orth(G) = U Vᵀ`` for ``G = U Σ Vᵀ`` (Muon's update; docs/algorithms.md §5).
 Its default quintic coefficients converge fast but only to singular values in roughly
 [0.7, 1.2]; the cubic coefficients ``(1.5, −0.5, 0)`` converge to the exact polar factor and are
 the Björck rectification used to repair a nearly orthogonal basis after quantisation.

@@ -1,4 +1,4 @@
-"""4-bit block quantisation of stacks of (nearly) orthogonal matrices (ALGORITHMS.md §4).
+"""4-bit block quantisation of stacks of (nearly) orthogonal matrices (docs/algorithms.md §4).
 
 Wang et al. (2024) store Shampoo's eigenvector matrices in 4 bits. Here each matrix of a stack
 ``(B, d, d)`` is read row-major as ``d·d`` values (rows padded to an even length), cut into blocks of

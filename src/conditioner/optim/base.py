@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from conditioner.blocks import BlockPolicy, Stack, build_stacks
+from conditioner.checks import Check, check_betas, check_dtype, choice, count, flag, in_range, optional
 from conditioner.distributed.sharded import ShardedUpdates, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
 from conditioner.optim.precision import Decoded, decode, encode, stored_form
@@ -67,63 +68,6 @@ class _Pending:
     members: list[int]
     result: StackResult
     decoded: Decoded = field(default_factory=dict)
-
-
-Check = Callable[[str, Any], None]
-
-
-def check_range(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is a number in the stated interval."""
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    message = f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}"
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise ValueError(message)
-    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
-        raise ValueError(message)
-
-
-def in_range(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = False) -> Check:
-    return lambda name, value: check_range(name, value, low, high, low_open, high_open)
-
-
-def optional(check: Check) -> Check:
-    return lambda name, value: None if value is None else check(name, value)
-
-
-def count(minimum: int) -> Check:
-    """An integer >= ``minimum``."""
-
-    def check(name: str, value: Any) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-    return check
-
-
-def choice(*allowed: Any) -> Check:
-    def check(name: str, value: Any) -> None:
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-    return check
-
-
-def flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def check_betas(name: str, betas: Any) -> None:
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
-    check_range(f"{name}[0]", betas[0], 0.0, 1.0, high_open=True)
-    check_range(f"{name}[1]", betas[1], 0.0, 1.0)
-
-
-def check_dtype(name: str, value: Any) -> None:
-    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise ValueError(f"{name} must be None or a floating-point torch.dtype, got {value!r}")
 
 
 #: Checks of the hyperparameters every stacked optimizer has; subclasses add their own.

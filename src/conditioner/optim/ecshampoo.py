@@ -1,4 +1,4 @@
-"""Eigenvalue-corrected Shampoo with per-factor adaptive eigenbasis refresh (ALGORITHMS.md §3)."""
+"""Eigenvalue-corrected Shampoo with per-factor adaptive eigenbasis refresh (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from conditioner.optim.base import choice, count, in_range
-from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, corrected_refresh
+from conditioner.checks import choice, count, in_range
+from conditioner.linalg import qr_refresh, safe_eigh, staleness
+from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules
 
 REFRESH_POLICIES = ("fixed", "adaptive")
 REFRESH_METHODS = ("eigh", "qr")
@@ -99,3 +100,39 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     def new_bases(self, group, factors, bases):
         tolerance = group["tolerance"] if group["refresh"] == "adaptive" else None
         return corrected_refresh(factors, bases, group["refresh_method"], tolerance, group["max_qr_iterations"])
+
+
+def corrected_refresh(
+    factors: dict[int, torch.Tensor],
+    bases: dict[int, torch.Tensor],
+    method: str,
+    tolerance: float | None,
+    max_qr_iterations: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Refresh by ``eigh`` or warm-started QR; with a ``tolerance`` only the stale factors.
+
+    The staleness ρ of every factor comes from one product and no host synchronisation; one
+    synchronisation then picks the stale blocks so that only they pay for a decomposition.
+    """
+    new, changed = {}, {}
+    for d, factor in factors.items():
+        basis = bases[d]
+        if tolerance is None:
+            stale = torch.ones(factor.shape[0], dtype=torch.bool, device=factor.device)
+            current = None
+        else:
+            current = staleness(factor, basis)
+            stale = current.rho > tolerance
+        index = stale.nonzero().flatten()
+        if index.numel() == 0:
+            continue
+        sub_factor = factor.index_select(0, index)
+        sub_basis = basis.index_select(0, index)
+        if method == "eigh":
+            refreshed = safe_eigh(sub_factor, previous=sub_basis).eigenvectors.to(basis.dtype)
+        else:
+            initial = None if current is None else type(current)(*(x.index_select(0, index) for x in current))
+            refreshed = qr_refresh(sub_factor, sub_basis, tolerance or 0.0, max_qr_iterations, initial).basis
+        new[d] = basis.index_copy(0, index, refreshed)
+        changed[d] = stale.to(torch.int64)
+    return new, changed, {}

@@ -6,8 +6,9 @@ Adam direction back, then fold ``G`` into the factors and, when the refresh poli
 the bases. The first moment in the basis is carried to a new basis exactly (back and forward);
 the second moment either follows the sort permutation only (the SOAP reference) or is rotated
 with ``(R ⊙ R)ᵀ`` (eigenvalue-corrected Shampoo). Blocks without a preconditioned dimension get
-plain Adam. SOAP and EigenvalueCorrectedShampoo differ only in the choices gathered in
-:class:`EigenAdamRules`.
+plain Adam. SOAP and EigenvalueCorrectedShampoo differ in the choices gathered in
+:class:`EigenAdamRules` and in their refresh policy (:meth:`EigenAdam.new_bases`,
+:meth:`EigenAdam.stale_blocks`), which each of them owns in its own module.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from typing import Any
 import torch
 
 from conditioner.blocks import Stack
+from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import (
     Staleness,
     descending_order,
-    orthogonal_iteration_step,
     qr_refresh,
     safe_eigh,
     staleness,
 )
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, choice, count, flag, in_range, optional
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult
 from conditioner.optim.kronecker import (
     factor_key,
     fold_in,
@@ -72,7 +73,7 @@ class EigenAdam(StackedOptimizer):
     ``state_precision``: ``"full"`` keeps every statistic in the statistics dtype;
     ``"bfloat16"`` stores the moments and the large factors and bases in bfloat16; ``"4bit"``
     stores the large bases 4-bit quantised and keeps each large factor only as its eigenpairs,
-    a 4-bit eigenbasis ``Q_f`` and float32 eigenvalues λ (4-bit Shampoo, ALGORITHMS.md §4).
+    a 4-bit eigenbasis ``Q_f`` and float32 eigenvalues λ (4-bit Shampoo, docs/algorithms.md §4).
     On every step the pair takes in the whole new statistic: ``F = Q_f diag(λ) Q_fᵀ`` is
     rebuilt in float32, ``F ← β·F + (1 − β)·G Gᵀ``, ``Q_f`` takes one warm-started QR step
     (columns sorted by ``diag(Q_fᵀ F Q_f)`` descending, ``qr(F Q_f)``) and λ becomes
@@ -262,54 +263,4 @@ def _permute_along(x: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tens
     return torch.gather(x, dim + 1, index)
 
 
-def soap_refresh(
-    factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """The SOAP reference refresh: sort columns by ``diag(QᵀFQ)`` descending, one ``qr(F Q)``."""
-    new, orders, changed = {}, {}, {}
-    for d, factor in factors.items():
-        current = staleness(factor, bases[d])
-        order = descending_order(current.estimated_eigenvalues)
-        new[d] = orthogonal_iteration_step(current.aq, order)
-        orders[d] = order
-        changed[d] = torch.ones(factor.shape[0], dtype=torch.int64, device=factor.device)
-    return new, changed, orders
-
-
-def corrected_refresh(
-    factors: dict[int, torch.Tensor],
-    bases: dict[int, torch.Tensor],
-    method: str,
-    tolerance: float | None,
-    max_qr_iterations: int,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Refresh by ``eigh`` or warm-started QR; with a ``tolerance`` only the stale factors.
-
-    The staleness ρ of every factor comes from one product and no host synchronisation; one
-    synchronisation then picks the stale blocks so that only they pay for a decomposition.
-    """
-    new, changed = {}, {}
-    for d, factor in factors.items():
-        basis = bases[d]
-        if tolerance is None:
-            stale = torch.ones(factor.shape[0], dtype=torch.bool, device=factor.device)
-            current = None
-        else:
-            current = staleness(factor, basis)
-            stale = current.rho > tolerance
-        index = stale.nonzero().flatten()
-        if index.numel() == 0:
-            continue
-        sub_factor = factor.index_select(0, index)
-        sub_basis = basis.index_select(0, index)
-        if method == "eigh":
-            refreshed = safe_eigh(sub_factor, previous=sub_basis).eigenvectors.to(basis.dtype)
-        else:
-            initial = None if current is None else type(current)(*(x.index_select(0, index) for x in current))
-            refreshed = qr_refresh(sub_factor, sub_basis, tolerance or 0.0, max_qr_iterations, initial).basis
-        new[d] = basis.index_copy(0, index, refreshed)
-        changed[d] = stale.to(torch.int64)
-    return new, changed, {}
-
-
-__all__ = ["EigenAdam", "EigenAdamRules", "corrected_refresh", "soap_refresh"]
+__all__ = ["EigenAdam", "EigenAdamRules"]

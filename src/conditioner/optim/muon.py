@@ -1,4 +1,4 @@
-"""Muon: orthogonalised momentum (ALGORITHMS.md §5), on the stacked-block engine.
+"""Muon: orthogonalised momentum (docs/algorithms.md §5), on the stacked-block engine.
 
 Per matrix block: momentum ``m ← β·m + (1 − β)·G`` (Nesterov: the direction is
 ``β·m + (1 − β)·G`` with the new m), then the update ``orth(direction)``, its approximate polar
@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from conditioner.blocks import BlockPolicy, Stack
+from conditioner.checks import count, flag, in_range
 from conditioner.linalg import MUON_COEFFICIENTS, newton_schulz
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, count, flag, in_range
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult
 
 #: no dimension is ever split, and every merge is allowed: a matrix is orthogonalised whole
 _UNBOUNDED = 2**62

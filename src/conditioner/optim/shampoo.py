@@ -4,7 +4,7 @@ Per block: factors ``F_i ← EMA_β2(G_(i) G_(i)ᵀ)`` (β2 = 1: running sums), 
 ``P_i = (F̂_i + εI)^(-1/p)`` recomputed every ``precondition_frequency`` steps (``F̂`` bias
 corrected when β2 < 1; ``p = 2k`` for k preconditioned dimensions unless overridden), direction
 ``U = M ×_i P_i`` for the momentum M of G, and per block the step size of the grafted diagonal
-method: ``U ← U · ‖U_graft‖ / ‖U‖`` (ALGORITHMS.md §1).
+method: ``U ← U · ‖U_graft‖ / ‖U‖`` (docs/algorithms.md §1).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from conditioner.blocks import Stack
+from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, choice, count, flag, in_range, optional
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult
 from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")

@@ -1,4 +1,4 @@
-"""SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's factors (ALGORITHMS.md §2)."""
+"""SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's factors (docs/algorithms.md §2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules, soap_refresh
+from conditioner.linalg import descending_order, orthogonal_iteration_step, staleness
+from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules
 
 
 class SOAP(EigenAdam):
@@ -77,3 +78,17 @@ class SOAP(EigenAdam):
 
     def new_bases(self, group, factors, bases):
         return soap_refresh(factors, bases)
+
+
+def soap_refresh(
+    factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """The SOAP reference refresh: sort columns by ``diag(QᵀFQ)`` descending, one ``qr(F Q)``."""
+    new, orders, changed = {}, {}, {}
+    for d, factor in factors.items():
+        current = staleness(factor, bases[d])
+        order = descending_order(current.estimated_eigenvalues)
+        new[d] = orthogonal_iteration_step(current.aq, order)
+        orders[d] = order
+        changed[d] = torch.ones(factor.shape[0], dtype=torch.int64, device=factor.device)
+    return new, changed, orders

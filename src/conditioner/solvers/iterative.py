@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from conditioner.curvature.kfac import check_positive
+from conditioner.checks import check_count, check_positive, check_range
 from conditioner.curvature.operator import CurvatureOperator
 from conditioner.solvers.result import SolveResult
 
@@ -32,12 +32,6 @@ def _damped(operator: Any, x: torch.Tensor, damping: float) -> torch.Tensor:
     return operator.matmat(x) + damping * x
 
 
-def _check_count(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-
-
-
 def conjugate_gradient(
     operator: CurvatureOperator,
     v: torch.Tensor,
@@ -49,7 +43,7 @@ def conjugate_gradient(
     """Solve ``(B + λI) x = v`` by (preconditioned) CG until every column's relative residual is
     below ``tolerance`` or ``max_iterations`` products were spent. Exact in at most ``P`` steps
     in exact arithmetic; the residual is tracked by the recurrence and recomputed at the end."""
-    _check_count("max_iterations", max_iterations, 1)
+    check_count("max_iterations", max_iterations, 1)
     check_positive("tolerance", tolerance)
     scale = _column_norms(v).clamp_min(torch.finfo(v.dtype).tiny)
     x = torch.zeros_like(v)
@@ -88,7 +82,7 @@ def lissa(
     """The stochastic Neumann series ``x ← x − α((B_b + λI) x − v)`` from ``x = 0``: after ``J`` steps
     ``x = α Σ_j (I − α(B + λI))ʲ v`` in expectation; it converges when ``α < 2 / (λ_max + λ)``."""
     check_positive("step_size", step_size)
-    _check_count("iterations", iterations, 1)
+    check_count("iterations", iterations, 1)
     scale = _column_norms(v).clamp_min(torch.finfo(v.dtype).tiny)
     x = torch.zeros_like(v)
     history: list[torch.Tensor] = []
@@ -133,10 +127,9 @@ def astra(
     tenfold over the first one, the iteration restarts from the EK-FAC answer with half the step,
     so it cannot run away."""
     check_positive("step_size", step_size)
-    _check_count("iterations", iterations, 0)
-    _check_count("halve_every", halve_every, 1)
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum: must be in [0, 1), got {momentum!r}")
+    check_count("iterations", iterations, 0)
+    check_count("halve_every", halve_every, 1)
+    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     scale = _column_norms(v).clamp_min(torch.finfo(v.dtype).tiny)
     start = preconditioner.matmat(v)
     x, velocity = start, torch.zeros_like(v)

@@ -6,8 +6,9 @@ import logging
 
 import torch
 
+from conditioner.checks import check_choice, check_positive
 from conditioner.curvature.exact import ExactCurvature
-from conditioner.curvature.kfac import KroneckerOperator, check_damping
+from conditioner.curvature.kfac import KroneckerOperator
 from conditioner.curvature.operator import CurvatureOperator
 from conditioner.curvature.spectra import lanczos
 from conditioner.solvers.iterative import astra, conjugate_gradient, lissa, preconditioned_step_size
@@ -51,9 +52,8 @@ def solve(
       ``step_size`` (default ``(1 − momentum) / λ_max`` of the preconditioned mini-batch operators,
       by 20 power steps) is halved every ``halve_every`` iterations.
     """
-    damping = check_damping(damping)
-    if method not in METHODS:
-        raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+    damping = check_positive("damping", damping)
+    check_choice("method", method, METHODS)
     if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or v.shape[0] != operator.dim:
         raise ValueError(f"v: expected a tensor of shape ({operator.dim},) or ({operator.dim}, K)")
     rhs = (v if v.ndim == 2 else v.unsqueeze(1)).to(operator.dtype)

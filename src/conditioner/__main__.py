@@ -1,3 +1,0 @@
-from conditioner.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,3 @@
+from conditioner.app.cli import main
+
+raise SystemExit(main())

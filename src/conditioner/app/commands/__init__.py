@@ -1,0 +1,1 @@
+"""The subcommands of ``conditioner``, one module each: ``add_parser`` registers it."""
