@@ -1,4 +1,4 @@
-"""InfluenceContext against curvlinops (K-FAC / EK-FAC) and PyHessian (top eigenvalue, trace), on real Fashion-MNIST.
+"""Curvature against curvlinops (K-FAC / EK-FAC) and PyHessian (top eigenvalue, trace), on real Fashion-MNIST.
 
 Part ``kfac``:
 

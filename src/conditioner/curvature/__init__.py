@@ -1,4 +1,4 @@
-"""InfluenceContext of a model on a data set: K-FAC / EK-FAC factors, exact matrix-free products and spectra."""
+"""Curvature of a model on a data set: K-FAC / EK-FAC factors, exact matrix-free products and spectra."""
 
 from conditioner.curvature.exact import GGN, EmpiricalFisher, ExactCurvature, Hessian
 from conditioner.curvature.kfac import EKFAC, KFAC, KroneckerOperator

@@ -1,6 +1,6 @@
 """What the curvature code needs to know about a loss function.
 
-InfluenceContext is defined for the loss of a whole data set, ``L(θ) = c · Σ_r ℓ_r(θ)``, where the
+Curvature is defined for the loss of a whole data set, ``L(θ) = c · Σ_r ℓ_r(θ)``, where the
 model's output is flattened to rows ``r`` (an example, or one position of a sequence), ``ℓ_r`` is
 the loss of one row with ``reduction="sum"``, and ``c`` is the reduction's normalisation: ``1``
 for ``"sum"``, ``1/R`` for mean cross-entropy over ``R`` rows, and ``1/(R·C)`` for mean squared

@@ -1,4 +1,4 @@
-"""InfluenceContext as a linear operator on a model's parameters.
+"""Curvature as a linear operator on a model's parameters.
 
 Every curvature object (exact products, K-FAC, EK-FAC, their inverses) acts on vectors shaped
 like its parameters. ``operator @ v`` accepts a flat vector ``(P,)``, a matrix of columns
