@@ -11,12 +11,19 @@ Tolerance against one process: the ranks' gradients are averaged by an all-reduc
 another order than one process sums its batch, so they differ in the last bits of float32; after
 8 steps with eigendecompositions the parameters (of size ~0.3) agree to ~2e-6 (SOAP) and ~1e-7
 (the others). ``atol = rtol = 1e-5`` is float32 round-off grown over the run, far below a real
-difference (a missed or doubled update moves parameters by ~lr = 1e-2). With the same gradients
-on every rank the spread refresh reproduces one process bit for bit (test below, world of 1).
+difference (a missed or doubled update moves parameters by ~lr = 1e-2).
+
+What is bit for bit and what is not: a checkpoint restores parameters and optimizer state exactly
+(asserted with ``torch.equal``). The steps after it, and the spread refresh on one rank, repeat
+the same arithmetic on copies of the same tensors in other memory, and the BLAS / LAPACK kernels
+torch calls (MKL on x86) do not promise bitwise-equal results for differently aligned operands:
+on some machines the parameters then differ in the last bit or two (~3e-8 seen). Those
+trajectories are compared with the same round-off tolerance.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -80,6 +87,18 @@ def _assert_params(actual, expected, **tolerance):
         torch.testing.assert_close(a, b, **tolerance)
 
 
+def _assert_same_state(actual, expected):
+    """Bit-identical optimizer state dicts: same keys, same step counts, tensors ``torch.equal``."""
+    assert actual["state"].keys() == expected["state"].keys()
+    for key, entries in expected["state"].items():
+        assert actual["state"][key].keys() == entries.keys(), key
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(actual["state"][key][name], value), (key, name)
+            else:
+                assert actual["state"][key][name] == value, (key, name)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_and_fsdp_match_one_process(world, two_ranks, three_ranks, references):
     jobs, results = (two_ranks[0], two_ranks[2]) if world == 2 else three_ranks
@@ -116,12 +135,12 @@ def test_a_rank_without_blocks_works(three_ranks, references):
             _assert_params(rank_results[job]["params"], references("Shampoo", tiny=True), **TOLERANCE)
 
 
-def test_checkpoint_resumes_exactly_in_a_fresh_process_group(two_ranks):
+def test_checkpoint_resumes_in_a_fresh_process_group(two_ranks):
     trained, resumed, results = two_ranks
     for original, job in zip(trained, resumed):
         for rank in range(2):
             assert results[rank][job]["saved_world"] == 2
-            _assert_params(results[rank][job]["params"], results[rank][original]["params"], rtol=0, atol=0)
+            _assert_params(results[rank][job]["params"], results[rank][original]["params"], **TOLERANCE)
 
 
 def test_checkpoint_from_two_ranks_resumes_on_three(three_ranks, references):
@@ -166,13 +185,13 @@ def world_of_one(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_spread_refresh_on_one_rank_is_bit_identical(name, world_of_one):
+def test_spread_refresh_on_one_rank_matches_one_process(name, world_of_one):
     model = make_model()
     optimizer = OPTIMIZERS[name](model.parameters())
     executor = spread_refresh(optimizer)
     train(model, optimizer, range(STEPS))
     assert executor.computed > 0 and executor.exchanges > 0
-    _assert_params([p.detach() for p in model.parameters()], reference(name), rtol=0, atol=0)
+    _assert_params([p.detach() for p in model.parameters()], reference(name), **TOLERANCE)
 
 
 def test_checkpoint_round_trip_in_one_process(tmp_path):
@@ -184,12 +203,16 @@ def test_checkpoint_round_trip_in_one_process(tmp_path):
     optimizer = OPTIMIZERS["SOAP"](model.parameters())
     train(model, optimizer, range(STEPS // 2))
     checkpoint.save(tmp_path / "ckpt", optimizer, model)
+    saved_params = [p.detach().clone() for p in model.parameters()]
+    saved_state = copy.deepcopy(optimizer.state_dict())
     train(model, optimizer, range(STEPS // 2, STEPS))
     fresh = make_model()
     fresh_optimizer = OPTIMIZERS["SOAP"](fresh.parameters())
     assert checkpoint.load(tmp_path / "ckpt", fresh_optimizer, fresh) == 1
+    _assert_params([p.detach() for p in fresh.parameters()], saved_params, rtol=0, atol=0)
+    _assert_same_state(fresh_optimizer.state_dict(), saved_state)
     train(fresh, fresh_optimizer, range(STEPS // 2, STEPS))
-    _assert_params(list(fresh.parameters()), list(model.parameters()), rtol=0, atol=0)
+    _assert_params(list(fresh.parameters()), list(model.parameters()), **TOLERANCE)
     other = SOAP(torch.nn.Linear(3, 3).parameters())
     with pytest.raises(ValueError, match="model entries|block stack|param"):
         checkpoint.load(tmp_path / "ckpt", other, torch.nn.Linear(3, 3))

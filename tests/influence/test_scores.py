@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import random_classification, tanh_mlp
 from scipy.stats import spearmanr
 from sklearn.datasets import load_breast_cancer
 from torch import nn
@@ -20,12 +21,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_classifier():
-    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x = torch.randn(30, 4, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (30,), generator=generator)
-    queries = (torch.randn(5, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (5,), generator=generator))
+    model = tanh_mlp((4, 6, 3), seed=0, dtype=torch.float64)
+    x, y = random_classification(30, 4, 3, generator)
+    queries = random_classification(5, 4, 3, generator)
     return model, train_batches(x, y, 8), queries
 
 

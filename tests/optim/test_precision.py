@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from cases import tanh_mlp
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, NonFiniteGradientError, Shampoo, state_memory
@@ -27,8 +28,7 @@ FACTORIES = {
 
 def _model(seed: int = 0) -> nn.Module:
     """Linear(80 → 64) and Linear(64 → 3): factors of 64², 80² (large) and 3² (small)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(80, 64), nn.Tanh(), nn.Linear(64, 3))
+    return tanh_mlp((80, 64, 3), seed)
 
 
 def _batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import random_classification, tanh_mlp
 from torch import nn
 
 from conditioner.curvature import EKFAC, GGN, KFAC
@@ -34,12 +35,8 @@ def linear_regression(batch_size: int = 10):
 
 
 def tiny_mlp():
-    torch.manual_seed(1)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(48, 3, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (48,), generator=generator)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    return model, split(x, y, 12)
+    x, y = random_classification(48, 3, 3, torch.Generator().manual_seed(1))
+    return tanh_mlp((3, 5, 3), seed=1, dtype=torch.float64), split(x, y, 12)
 
 
 def exact_solution(dense: torch.Tensor, v: torch.Tensor, damping: float) -> torch.Tensor:
