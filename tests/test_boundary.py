@@ -91,3 +91,50 @@ def test_the_library_declares_torch_as_its_only_requirement():
 
     unconditional = [r for r in requires("conditioner") or [] if "extra ==" not in r]
     assert [r.split(">")[0].split("=")[0].strip() for r in unconditional] == ["torch"]
+
+
+WORKLOAD = """
+import sys, tempfile, warnings
+for name in ("numpy", "tqdm", "matplotlib", "sklearn", "scipy", "pandas", "rdata"):
+    sys.modules[name] = None  # importing any of them now raises ImportError
+warnings.simplefilter("ignore")  # torch warns once that it runs without numpy
+import torch
+from torch import nn
+from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo, state_memory
+from conditioner.curvature import GGN, lanczos
+from conditioner.distributed import checkpoint
+from conditioner.influence import InfluenceContext, Task, draw_subsets, influence, linear_datamodeling_score, retrain
+from conditioner.influence.scores import train_batches
+from conditioner.solvers import solve
+
+torch.manual_seed(0)
+x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+for optimizer_type in (SOAP, EigenvalueCorrectedShampoo, Shampoo, Muon):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = optimizer_type(model.parameters(), lr=1e-2)
+    for _ in range(12):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert state_memory(optimizer) is not None
+data = train_batches(x, y, 8)
+ggn = GGN(model, nn.CrossEntropyLoss(), data)
+assert lanczos(ggn, 2, generator=torch.Generator().manual_seed(0)).eigenvalues.isfinite().all()
+assert solve(ggn, torch.randn(ggn.dim), 0.1, method="cg").residuals[-1].max() < 1e-3
+scores = influence(InfluenceContext(model, Task.classification(), data), (x[:3], y[:3]), method="ekfac").scores
+subsets = draw_subsets(32, 4, 0.5, seed=0)
+with tempfile.TemporaryDirectory() as folder:
+    measured = retrain(subsets, 1, lambda mask, seed: scores[:, mask].sum(1).double(), folder, key="k")
+    checkpoint.save(folder + "/checkpoint", optimizer, model)
+    assert checkpoint.load(folder + "/checkpoint", optimizer, model) == 1
+assert linear_datamodeling_score(scores, subsets, measured).per_query.shape == (3,)
+print("ok")
+"""
+
+
+def test_the_library_works_with_torch_alone():
+    """Optimizers, curvature, solvers, influence, LDS and checkpoints run with numpy and every app
+    dependency made unimportable: a torch-only install is enough."""
+    result = subprocess.run([sys.executable, "-c", WORKLOAD], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
