@@ -12,14 +12,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-from conditioner.linalg import (
-    safe_eigh,
-)
-
-eigh_module = importlib.import_module("conditioner.linalg.eigh")
 from cases import (
     EPS,
     KINDS,
@@ -33,6 +25,14 @@ from cases import (
     stacks,
     with_spectrum,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conditioner.linalg import (
+    safe_eigh,
+)
+
+eigh_module = importlib.import_module("conditioner.linalg.eigh")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

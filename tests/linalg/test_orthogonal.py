@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from cases import EPS, SETTINGS, random_orthogonal, spectral_norm
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -18,9 +17,6 @@ from conditioner.linalg import (
     bjorck_rectify,
     newton_schulz,
 )
-
-eigh_module = importlib.import_module("conditioner.linalg.eigh")
-from cases import EPS, SETTINGS, random_orthogonal, spectral_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

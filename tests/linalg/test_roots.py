@@ -3,22 +3,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-from conditioner.linalg import (
-    inverse_root_eigh,
-    inverse_root_from_eigh,
-    inverse_root_newton,
-)
-
-eigh_module = importlib.import_module("conditioner.linalg.eigh")
 from cases import (
     EPS,
     SETTINGS,
@@ -29,6 +17,14 @@ from cases import (
     spectral_norm,
     stacks,
     with_spectrum,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conditioner.linalg import (
+    inverse_root_eigh,
+    inverse_root_from_eigh,
+    inverse_root_newton,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

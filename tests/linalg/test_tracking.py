@@ -4,24 +4,9 @@ warm-started QR refresh, against float64 numpy references.
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-from conditioner.linalg import (
-    dense_staleness,
-    descending_order,
-    orthogonal_iteration_step,
-    permute_columns,
-    qr_refresh,
-    staleness,
-)
-
-eigh_module = importlib.import_module("conditioner.linalg.eigh")
 from cases import (
     EPS,
     KINDS,
@@ -35,6 +20,17 @@ from cases import (
     spectral_norm,
     stacks,
     with_spectrum,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conditioner.linalg import (
+    dense_staleness,
+    descending_order,
+    orthogonal_iteration_step,
+    permute_columns,
+    qr_refresh,
+    staleness,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -87,7 +87,6 @@ def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argpa
         return 130
 
 
-
 class OneLineErrorParser(argparse.ArgumentParser):
     """Report a usage error as one line, ``PROG: error: MESSAGE`` on stderr, and exit with status 2."""
 
@@ -120,7 +119,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.argv = argv
     return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
