@@ -5,19 +5,23 @@ The stack state is string-keyed (``"group0/6x6:PP"``) and per stack, which
 cannot describe, so the optimizer's own :meth:`state_dict` is stored under flat keys:
 
 - ``optimizer/meta``: param groups, the non-tensor state (each block's step count) and the world
-  size, pickled into one bytes value (DCP would otherwise flatten the nested dict into keys);
+  size, as JSON in a uint8 tensor (:mod:`conditioner.distributed.metadata`);
 - ``optimizer/state/{stack key}/{name}``: every state tensor (factors, bases, moments, ...);
 - ``model/{name}``: the model's ``state_dict()`` when a model is given (FSDP2's DTensors included).
 
 The state is the same on every rank in both modes (DDP and FSDP2), so DCP writes each tensor once
 and any number of ranks can load it: a checkpoint saved on 2 ranks resumes on 3, or on 1. DCP
 reshards the model's DTensors itself.
+
+Loading never unpickles: DCP pickles its own index (the ``.metadata`` file), which is read with
+an unpickler that accepts only the classes such an index holds, and every entry read is a tensor.
+A checkpoint that would need more (a crafted payload, or one from a version that pickled its
+metadata) is refused with a ValueError before anything is loaded.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -25,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from conditioner.distributed.metadata import SafeFileSystemReader, decode_json, encode_json
 
 META = "optimizer/meta"
 STATE = "optimizer/state/"
@@ -49,7 +55,7 @@ def optimizer_entries(optimizer: torch.optim.Optimizer, process_group: Any = Non
             else:
                 other.setdefault(key, {})[name] = value
     meta = {"param_groups": packed["param_groups"], "other": other, "world_size": _world_size(process_group)}
-    entries[META] = pickle.dumps(meta)
+    entries[META] = encode_json(meta)
     return entries
 
 
@@ -74,26 +80,34 @@ def load(
     process_group: Any = None,
 ) -> int:
     """Load a checkpoint written by :func:`save` into ``optimizer`` (and ``model``), on any number
-    of ranks; a collective. Returns the world size the checkpoint was saved with. Like
-    ``torch.load`` of a full checkpoint, this unpickles: load only checkpoints you trust."""
-    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    of ranks; a collective. Returns the world size the checkpoint was saved with. Nothing is
+    unpickled (see the module docstring): a checkpoint that needs it is refused."""
+    reader = SafeFileSystemReader(checkpoint_id)
+    metadata = reader.read_metadata().state_dict_metadata
     if META not in metadata:
         raise ValueError(f"checkpoint_id {str(checkpoint_id)!r} holds no optimizer state saved by conditioner")
-    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
-    entries: dict[str, Any] = {}
-    for fqn, meta in metadata.items():
-        if fqn.startswith(STATE) and isinstance(meta, TensorStorageMetadata):
-            entries[fqn] = torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
-    entries[META] = b""
     model_state = model.state_dict() if model is not None else {}
     missing = [k for k in model_state if MODEL + k not in metadata]
     if missing:
         raise ValueError(f"checkpoint_id {str(checkpoint_id)!r} has no model entries for {missing[:5]}")
+    wanted = [META, *(fqn for fqn in metadata if fqn.startswith(STATE)), *(MODEL + k for k in model_state)]
+    not_tensors = [fqn for fqn in wanted if not isinstance(metadata[fqn], TensorStorageMetadata)]
+    if not_tensors:
+        raise ValueError(
+            f"checkpoint_id {str(checkpoint_id)!r}: entries {not_tensors[:5]} are pickled objects, not tensors; "
+            "loading them would unpickle, so the checkpoint is refused (a checkpoint saved by an older "
+            "conditioner must be re-saved with this version, from a process that trusts it)"
+        )
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    entries: dict[str, Any] = {}
+    for fqn in wanted[: len(wanted) - len(model_state)]:
+        meta = metadata[fqn]
+        entries[fqn] = torch.empty(meta.size, dtype=meta.properties.dtype, device="cpu" if fqn == META else device)
     entries.update({MODEL + k: v for k, v in model_state.items()})
-    dcp.load(entries, checkpoint_id=checkpoint_id, process_group=process_group)
+    dcp.load(entries, checkpoint_id=checkpoint_id, process_group=process_group, storage_reader=reader)
     if model is not None:
         model.load_state_dict({k: entries[MODEL + k] for k in model_state})
-    meta = pickle.loads(entries[META])
+    meta = decode_json(entries[META])
     state: dict[str, dict[str, Any]] = {key: dict(values) for key, values in meta["other"].items()}
     for fqn, tensor in entries.items():
         if fqn.startswith(STATE):
