@@ -142,9 +142,6 @@ def run(name: str, make: Callable, config: dict, args: argparse.Namespace, devic
         "state_bytes": conditioner.state_bytes(optimizer),
         "step_peak_extra_bytes": max(peaks) if peaks else None,
     }
-    del optimizer, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -159,7 +156,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     config = TINY if args.tiny else GPT2_SMALL
-    results = [run(name, make, config, args, device) for name, make in optimizers(args.optimizers).items()]
+    results = []
+    for name, make in optimizers(args.optimizers).items():
+        results.append(run(name, make, config, args, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous optimizer's state is garbage now
     print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} torch {torch.__version__}, "
           f"{results[0]['parameters'] / 1e6:.1f}M parameters, batch {args.batch} x {config['context']}, bf16 autocast")
     print(f"{'optimizer':16s} {'median ms':>10s} {'mean ms':>9s} {'/ fwd+bwd':>10s} {'state MiB':>10s} {'peak extra MiB':>15s}")
