@@ -15,6 +15,8 @@ from conditioner.checks import (
     check_flag,
     check_positive,
     check_range,
+    check_scalar,
+    in_range,
     optional,
 )
 
@@ -36,6 +38,15 @@ from conditioner.checks import (
         (lambda: check_betas("betas", (0.9,)), "betas: must be a pair"),
         (lambda: check_betas("betas", (1.0, 0.9)), r"betas\[0\]: must be a number in \[0.0, 1.0\)"),
         (lambda: check_dtype("state_dtype", torch.int32), "state_dtype: must be None or a floating-point"),
+        (
+            lambda: check_dtype("state_dtype", torch.float16, (torch.float32, torch.float64)),
+            "state_dtype: must be None, torch.float32 or torch.float64, got torch.float16",
+        ),
+        (
+            lambda: check_scalar("lr", torch.ones(2), in_range(0.0)),
+            r"lr: Tensor lr must be 1-element, got a tensor of shape \(2,\)",
+        ),
+        (lambda: check_scalar("lr", torch.tensor(-1.0), in_range(0.0)), r"lr: must be a number in \[0.0, inf\]"),
     ],
 )
 def test_refusals_name_the_argument_and_what_is_allowed(call, message):
@@ -51,3 +62,6 @@ def test_accepted_values_come_back():
     optional(lambda name, value: check_count(name, value, 1))("k", None)
     check_betas("betas", (0.0, 1.0))
     check_dtype("state_dtype", None)
+    check_dtype("state_dtype", torch.float64, (torch.float32, torch.float64))
+    check_scalar("lr", torch.tensor([[0.5]]), in_range(0.0))
+    check_scalar("lr", 0.5, in_range(0.0))

@@ -69,10 +69,24 @@ def check_betas(name: str, betas: Any) -> None:
     check_range(f"{name}[1]", betas[1], 0.0, 1.0)
 
 
-def check_dtype(name: str, value: Any) -> None:
-    """None or a floating-point ``torch.dtype``."""
+def check_dtype(name: str, value: Any, allowed: tuple[torch.dtype, ...] | None = None, hint: str = "") -> None:
+    """None or a floating-point ``torch.dtype``; with ``allowed``, None or one of those (``hint``,
+    when given, says in the message what to use instead)."""
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise ValueError(f"{name}: must be None or a floating-point torch.dtype, got {value!r}")
+    if allowed is not None and value is not None and value not in allowed:
+        names = ", ".join(str(d) for d in allowed[:-1]) + f" or {allowed[-1]}"
+        raise ValueError(f"{name}: must be None, {names}{hint}, got {value!r}")
+
+
+def check_scalar(name: str, value: Any, check: Check) -> None:
+    """``check`` on a number, or on the value of a 1-element tensor (torch.optim accepts a tensor
+    ``lr``, which schedulers then update in place)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    check(name, value)
 
 
 def in_range(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Check:
@@ -86,6 +100,16 @@ def count(minimum: int) -> Check:
 
 def choice(*allowed: Any) -> Check:
     return lambda name, value: check_choice(name, value, allowed)
+
+
+def dtypes(*allowed: torch.dtype, hint: str = "") -> Check:
+    """None or one of the floating-point dtypes ``allowed``."""
+    return lambda name, value: check_dtype(name, value, allowed, hint)
+
+
+def scalar(check: Check) -> Check:
+    """``check`` on a number or on a 1-element tensor's value."""
+    return lambda name, value: check_scalar(name, value, check)
 
 
 def optional(check: Check) -> Check:

@@ -7,6 +7,14 @@ descending order); later steps project, update Adam's moments, step with
 the gradient into the factors, refresh with one sorted QR step (permuting the second moment),
 and project the first moment forward again. Dimensions above ``max_precond_dim`` and 1-D
 parameters have no factor.
+
+The reference's options are written out too: ``normalize_grads`` divides each parameter's
+projected-back update by its root mean square (plus 1e-30) before the step size; ``merge_dims``
+reshapes a gradient of two or more dimensions by multiplying its dimensions together left to
+right while the product stays within ``max_precond_dim`` (a conv kernel [64, 3, 3, 3] becomes one
+1728 dimension, a small matrix one vector), after reading a 4-D gradient as [out, in, h, w] from
+[out, h, w, in] with ``data_format="channels_last"``; every merged dimension within
+``max_precond_dim`` has a factor, even when the merge leaves one dimension.
 """
 
 from __future__ import annotations
@@ -17,11 +25,46 @@ from torch import nn
 from conditioner import SOAP
 
 
+def reference_merge(shape, max_dim):
+    """The reference's merge rule: over ALL dimensions, multiply while the product stays within
+    max_dim, else close the running product (or a too-large dimension on its own)."""
+    merged, product = [], 1
+    for d in shape:
+        if product * d <= max_dim:
+            product *= d
+        elif product > 1:
+            merged.append(product)
+            product = d
+        else:
+            merged.append(d)
+    if product > 1 or not merged:
+        merged.append(product)
+    return merged
+
+
 class ReferenceSOAP:
-    def __init__(self, params, lr, betas, eps, weight_decay, frequency, max_dim):
+    def __init__(
+        self, params, lr, betas, eps, weight_decay, frequency, max_dim,
+        normalize_grads=False, merge_dims=False, data_format="channels_first",
+    ):  # fmt: skip
         self.params = list(params)
         self.lr, self.betas, self.eps, self.wd, self.freq, self.max_dim = lr, betas, eps, weight_decay, frequency, max_dim
+        self.normalize, self.merge, self.channels_last = normalize_grads, merge_dims, data_format == "channels_last"
         self.state = [dict() for _ in self.params]
+
+    def _merged(self, g):
+        if not self.merge or g.ndim == 1:
+            return g
+        if self.channels_last and g.ndim == 4:
+            g = g.permute(0, 3, 1, 2)
+        return g.reshape(reference_merge(g.shape, self.max_dim))
+
+    def _unmerged(self, u, shape):
+        if not self.merge or len(shape) == 1:
+            return u
+        if self.channels_last and len(shape) == 4:
+            return u.reshape(shape[0], shape[3], shape[1], shape[2]).permute(0, 2, 3, 1)
+        return u.reshape(shape)
 
     def _project(self, x, qs, back=False):
         for q in qs:
@@ -44,12 +87,12 @@ class ReferenceSOAP:
     def step(self):
         b1, b2 = self.betas
         for p, st in zip(self.params, self.state):
-            g = p.grad
+            g = self._merged(p.grad)
             if not st:
                 st["step"] = 0
                 st["m"] = torch.zeros_like(g)
                 st["v"] = torch.zeros_like(g)
-                eligible = g.ndim > 1
+                eligible = p.grad.ndim > 1
                 st["GG"] = [torch.zeros(d, d, dtype=g.dtype) if eligible and d <= self.max_dim else None for d in g.shape]
                 self._update_factors(g, st)
                 st["Q"] = [None if f is None else self._eigh_desc(f) for f in st["GG"]]
@@ -61,7 +104,9 @@ class ReferenceSOAP:
             st["v"] = b2 * st["v"] + (1 - b2) * gp * gp
             step_size = self.lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
             u = self._project(st["m"] / (st["v"].sqrt() + self.eps), st["Q"], back=True)
-            p.data.add_(u, alpha=-step_size)
+            if self.normalize:
+                u = u / (1e-30 + torch.mean(u**2) ** 0.5)
+            p.data.add_(self._unmerged(u, p.shape), alpha=-step_size)
             p.data.add_(p.data, alpha=-self.lr * self.wd)
             st["m"] = self._project(st["m"], st["Q"], back=True)
             self._update_factors(g, st)
@@ -141,3 +186,50 @@ def test_reference_detects_a_port_that_forgets_to_permute_the_second_moment(monk
     reference, _ = _run(lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, **settings))
     worst = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), reference.parameters()))
     assert worst > 1e-6
+
+
+def test_soap_with_normalize_grads_matches_the_reference():
+    settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    ours, _ = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, normalize_grads=True, **settings))
+    reference, _ = _run(lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, normalize_grads=True, **settings))
+    plain, _ = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, **settings))
+    for (name, a), b, c in zip(ours.named_parameters(), reference.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"parameter {name} differs")
+        assert (a - c).abs().max() > 1e-3, name  # normalising changes every parameter's steps
+
+
+#: (shape, data_format) with max_precond_dim 8: what the reference's merge makes of them, and
+#: what the library's other rule (leading dimension kept, matrices never merged) would make
+MERGE_CASES = [
+    ((4, 2, 8), "channels_first"),  # [8, 8]; the other rule: [4, 2, 8]
+    ((2, 2, 4, 4), "channels_first"),  # [4, 4, 4]; the other rule: [2, 8, 4]
+    ((2, 2, 4, 4), "channels_last"),  # read as [2, 4, 2, 4]: [8, 8]
+    ((2, 3), "channels_first"),  # one 6-vector with its factor
+    ((3, 16), "channels_first"),  # 16 > 8: [3, 16], the 16 unpreconditioned
+    ((5,), "channels_first"),  # 1-D: Adam
+]
+
+
+def _run_fixed(make_optimizer, steps=25):
+    """Gradients drawn independently of the parameters (float64), so that only the update rule is
+    compared; every factor a merge leaves with two or more dimensions is full rank."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape, _ in MERGE_CASES]
+    optimizers = [make_optimizer([p], data_format) for p, (_, data_format) in zip(params, MERGE_CASES)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, opt in zip(params, optimizers):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            opt.step()
+    return params
+
+
+def test_soap_merge_dims_and_data_format_match_the_reference():
+    settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, normalize_grads=True, merge_dims=True)
+    ours = _run_fixed(lambda p, f: SOAP(p, precondition_frequency=4, max_precond_dim=8, data_format=f, **settings))
+    reference = _run_fixed(lambda p, f: ReferenceSOAP(p, frequency=4, max_dim=8, data_format=f, **settings))
+    for (shape, data_format), a, b in zip(MERGE_CASES, ours, reference):
+        # float64 on both sides: summation order only (see above); a vector's first factor has
+        # rank one, but both sides decompose bit-identical outer products the same way
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"{shape} {data_format} differs")
+    assert [reference_merge(s, 8) for s, _ in MERGE_CASES[:2]] == [[8, 8], [4, 4, 4]]

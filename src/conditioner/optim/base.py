@@ -15,6 +15,9 @@ count of steps taken. ``torch.optim.Optimizer.state_dict`` keeps such keys as th
 Storage precision (``state_precision``, :mod:`conditioner.optim.precision`): kernels see the
 state decoded to the statistics dtype and return it in that dtype; it is encoded (bfloat16,
 4-bit bases) at commit, by the role each optimizer declares for its entries in ``state_roles``.
+The optimizer remembers the precision each group's state is encoded in; state loaded from a
+checkpoint of another precision, or of a group whose ``state_precision`` was changed, is
+decoded and re-encoded (``restate`` adapts the entries) before it is used.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from typing import Any
 import torch
 
 from conditioner.blocks import BlockPolicy, Stack, build_stacks
-from conditioner.checks import Check, check_betas, check_dtype, choice, count, flag, in_range, optional
-from conditioner.distributed.sharded import ShardedUpdates, full_tensor, local_tensor
+from conditioner.checks import Check, check_betas, choice, count, dtypes, flag, in_range, optional, scalar
+from conditioner.distributed.sharded import UpdateBuffers, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
 from conditioner.optim.precision import Decoded, decode, encode, stored_form
 
@@ -72,7 +75,7 @@ class _Pending:
 
 #: Checks of the hyperparameters every stacked optimizer has; subclasses add their own.
 COMMON_CHECKS: dict[str, Check] = {
-    "lr": in_range(0.0),
+    "lr": scalar(in_range(0.0)),
     "betas": check_betas,
     "weight_decay": in_range(0.0),
     "precondition_frequency": count(1),
@@ -80,10 +83,21 @@ COMMON_CHECKS: dict[str, Check] = {
     "split_large_dims": flag,
     "precondition_1d": flag,
     "one_sided_above": optional(count(1)),
-    "state_dtype": check_dtype,
+    "state_dtype": dtypes(
+        torch.float32,
+        torch.float64,
+        hint=" (the statistics and all arithmetic on them, eigh and QR included, run in it; to store "
+        "the state in bfloat16 pass state_precision='bfloat16')",
+    ),
     "state_precision": choice("full", "bfloat16"),
     "nonfinite": choice(*NONFINITE_POLICIES),
 }
+
+
+def learning_rate(group: dict[str, Any]) -> float:
+    """The group's ``lr`` as a float: a number, or a 1-element tensor (torch.optim accepts one; a
+    scheduler updates it in place, so it is read at every step)."""
+    return float(group["lr"])
 
 
 def statistics_dtype(params: Iterable[torch.Tensor], requested: torch.dtype | None) -> torch.dtype:
@@ -114,6 +128,8 @@ class StackedOptimizer(torch.optim.Optimizer):
         self.validate(defaults)
         self.nonfinite = defaults["nonfinite"]
         self._layouts: dict[int, list[Stack]] = {}
+        #: per group, the ``state_precision`` its stored state is encoded in
+        self._stored_precisions: list[str] = []
         super().__init__(params, defaults)
 
     def validate(self, options: dict[str, Any]) -> None:
@@ -140,15 +156,22 @@ class StackedOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def restate(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The decoded ``state`` of ``stack`` in the entries the group's ``state_precision`` keeps
+        (used when the state changes precision); by default the same entries."""
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._layouts = {}
         self.nonfinite = self.defaults["nonfinite"]
+        self._stored_precisions = [group.get("state_precision", "full") for group in self.param_groups]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.validate(param_group)
         super().add_param_group(param_group)
         self._layouts = {}
+        self._stored_precisions.append(self.param_groups[-1]["state_precision"])
 
     def layout(self, group_index: int) -> list[Stack]:
         """The stacks of param group ``group_index`` (computed once, then cached)."""
@@ -203,6 +226,7 @@ class StackedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
+        self._convert_precisions()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -268,7 +292,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         """Write the new state, fold the gradients into the factors, apply the updates and decay."""
         moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         decayed: dict[int, tuple[torch.Tensor, float]] = {}
-        sharded = ShardedUpdates()
+        buffers = UpdateBuffers()
         for item in pending:
             result = item.result
             entries, folds = self._encode(item)
@@ -291,18 +315,18 @@ class StackedOptimizer(torch.optim.Optimizer):
             if result.update is None:
                 continue
             params = item.group["params"]
-            tensors = sharded.targets(params, [item.stack.blocks[m].param_index for m in item.members])
+            tensors = buffers.targets(params, [item.stack.blocks[m] for m in item.members])
             views = item.stack.views(tensors, item.members)
             targets, updates = moves.setdefault(-result.scale, ([], []))
             targets.extend(views)
             updates.extend(u.to(v.dtype) for u, v in zip(result.update.unbind(0), views))
-            factor = 1.0 - item.group["lr"] * item.group["weight_decay"]
+            factor = 1.0 - learning_rate(item.group) * item.group["weight_decay"]
             for m in item.members:
                 p = params[item.stack.blocks[m].param_index]
                 decayed[id(p)] = (p, factor)
         for alpha, (targets, updates) in moves.items():
             torch._foreach_add_(targets, updates, alpha=alpha)
-        sharded.apply()
+        buffers.apply()
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
             if factor != 1.0:
@@ -312,9 +336,23 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; stack state is copied onto the parameters'
-        device and checked against this optimizer's blocks."""
+        device and checked against this optimizer's blocks.
+
+        Hyperparameters come from the checkpoint, as in torch.optim, except ``state_precision``:
+        each group keeps the precision this optimizer was built with (the one asked for now), and
+        state saved in another precision is converted to it (for example a full-precision
+        checkpoint resumed with 4-bit bases to save memory, or back). Options newer than the
+        checkpoint take this optimizer's defaults.
+        """
+        precisions = [group["state_precision"] for group in self.param_groups]
+        saved = [group.get("state_precision", "full") for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         self._layouts = {}
+        self._stored_precisions = saved
+        for group, precision in zip(self.param_groups, precisions):
+            for name in self.checks.keys() & self.defaults.keys():
+                group.setdefault(name, self.defaults[name])
+            group["state_precision"] = precision
         for group_index, group in enumerate(self.param_groups):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             stacks = {self.stack_key(group_index, s): s for s in self.layout(group_index)}
@@ -329,6 +367,30 @@ class StackedOptimizer(torch.optim.Optimizer):
                     k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in loaded.items()
                 }
+        self._convert_precisions()
+
+    def _convert_precisions(self) -> None:
+        """Re-encode the state of every group whose ``state_precision`` differs from the one its
+        state is stored in (after :meth:`load_state_dict`, or after ``param_groups[i]
+        ["state_precision"]`` was changed): decode it, bring it to the entries the new precision
+        keeps (:meth:`restate`), encode it."""
+        for group_index, group in enumerate(self.param_groups):
+            precision = group["state_precision"]
+            if precision == self._stored_precisions[group_index]:
+                continue
+            self.validate({"state_precision": precision})
+            dtype = statistics_dtype(group["params"], group.get("state_dtype"))
+            for stack in self.layout(group_index):
+                key = self.stack_key(group_index, stack)
+                stored = self.state.get(key)
+                if not stored:
+                    continue
+                working, _ = decode({k: v for k, v in stored.items() if k != "step"}, dtype)
+                entries: dict[str, Any] = {}
+                for k, v in self.restate(group, stack, working).items():
+                    entries.update(encode(k, v, stored_form(self.state_role(k), precision, v)))
+                self.state[key] = {**entries, "step": stored["step"]}
+            self._stored_precisions[group_index] = precision
 
     def refresh_counts(self) -> dict[str, torch.Tensor]:
         """Basis (or inverse-root) refreshes so far per stack: ``(blocks, preconditioned dims)`` int64 counts."""

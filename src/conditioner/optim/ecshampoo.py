@@ -28,7 +28,9 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     exactly. Refresh counts per factor: :meth:`refresh_counts`, :meth:`total_refreshes`.
 
     Blocking: dimensions above ``max_precond_dim`` are split into blocks (``split_large_dims``)
-    and small neighbouring dimensions merged (``merge_dims``) by default; 1-D parameters get Adam.
+    and small neighbouring dimensions merged (``merge_dims``) by default, the leading dimension
+    kept apart (a conv kernel becomes ``[out, in·kh·kw]``; SOAP's ``merge_dims`` is the SOAP
+    reference's rule, which merges the leading dimension too); 1-D parameters get Adam.
     ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
     In 4-bit mode a large factor's eigenbasis is tracked by one QR step on every step, and a
     refresh adopts it (``refresh_method`` and ``max_qr_iterations`` apply to the small factors).
@@ -88,6 +90,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             one_sided_above=one_sided_above,
             correct_bias=correct_bias,
             update_first_step=True,
+            normalize_grads=False,
             state_dtype=state_dtype,
             state_precision=state_precision,
             nonfinite=nonfinite,

@@ -13,6 +13,7 @@ plain Adam. SOAP and EigenvalueCorrectedShampoo differ in the choices gathered i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -28,7 +29,7 @@ from conditioner.linalg import (
     safe_eigh,
     staleness,
 )
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
 from conditioner.optim.kronecker import (
     factor_key,
     fold_in,
@@ -81,17 +82,19 @@ class EigenAdam(StackedOptimizer):
     moments live in is a second 4-bit matrix, fixed between refreshes; a refresh makes it the
     tracked ``Q_f`` (for the blocks the refresh policy moves: all, or the stale ones of the
     adaptive policy), with the usual transport of the moments. Smaller factors (< 4096
-    elements) stay whole in float32 and are refreshed as in full precision.
+    elements) stay whole in float32 and are refreshed as in full precision. State saved in
+    another precision is converted on loading (:meth:`restate`: factor ↔ eigenpairs).
     """
 
     rules: EigenAdamRules
     checks = {
         **COMMON_CHECKS,
-        "shampoo_beta": optional(in_range(0.0, 1.0, high_open=True)),
+        "shampoo_beta": optional(in_range(-math.inf, 1.0, high_open=True)),
         "eps": in_range(0.0),
         "max_precond_dim": count(0),
         "correct_bias": flag,
         "update_first_step": flag,
+        "normalize_grads": flag,
         "state_precision": choice(*PRECISIONS),
     }
     state_roles = {
@@ -103,6 +106,7 @@ class EigenAdam(StackedOptimizer):
     }
 
     def _factor_beta(self, group: dict[str, Any]) -> float:
+        """``shampoo_beta``; None or a negative value (the SOAP reference's -1) means β2."""
         beta = group["shampoo_beta"]
         return group["betas"][1] if beta is None or beta < 0 else beta
 
@@ -129,6 +133,23 @@ class EigenAdam(StackedOptimizer):
         tracked = qr_refresh(factor, state[_eigenbasis_key(dim)], 0.0, 1)
         state[_eigenbasis_key(dim)] = tracked.basis
         state[_eigenvalues_key(dim)] = tracked.estimated_eigenvalues
+
+    def restate(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Factors kept as eigenpairs under the group's precision (4-bit, large) from the whole
+        factor by ``eigh``, as at a block's first step; whole factors from eigenpairs as
+        ``Q_f diag(λ) Q_fᵀ``. Everything else is kept."""
+        state = dict(state)
+        paired = self._paired_dims(group, stack)
+        for d in stack.preconditioned_dims:
+            if d in paired and factor_key(d) in state:
+                factor = state.pop(factor_key(d))
+                eig = safe_eigh(factor)
+                state[_eigenbasis_key(d)] = eig.eigenvectors.to(factor.dtype)
+                state[_eigenvalues_key(d)] = eig.eigenvalues.to(factor.dtype)
+            elif d not in paired and _eigenvalues_key(d) in state:
+                state[factor_key(d)] = self._factor(state, d)
+                del state[_eigenbasis_key(d)], state[_eigenvalues_key(d)]
+        return state
 
     def stale_blocks(self, group: dict[str, Any], current: Staleness) -> torch.Tensor | None:
         """Which blocks a refresh moves, given the factors' staleness in their current bases
@@ -185,9 +206,12 @@ class EigenAdam(StackedOptimizer):
         eps = group["eps"] if self.rules.epsilon_outside_correction else group["eps"] * correction2**0.5
         direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
         update = project_back(direction, bases)
+        if group["normalize_grads"]:  # the SOAP reference's: each block's update to unit RMS
+            rms = update.square().mean(dim=tuple(range(1, update.ndim)), keepdim=True).sqrt()
+            update = update / rms.add_(1e-30)
 
         new_state = dict(state, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-        result = StackResult(new_state, update, group["lr"] * correction2**0.5 / correction1)
+        result = StackResult(new_state, update, learning_rate(group) * correction2**0.5 / correction1)
         refresh = bool(dims) and t % group["precondition_frequency"] == 0
         paired = self._paired_dims(group, stack)
         beta = self._factor_beta(group)

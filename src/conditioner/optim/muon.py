@@ -16,7 +16,7 @@ import torch
 from conditioner.blocks import BlockPolicy, Stack
 from conditioner.checks import count, flag, in_range
 from conditioner.linalg import MUON_COEFFICIENTS, newton_schulz
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
 
 #: no dimension is ever split, and every merge is allowed: a matrix is orthogonalised whole
 _UNBOUNDED = 2**62
@@ -106,7 +106,7 @@ class Muon(StackedOptimizer):
         direction = torch.lerp(grad, momentum, beta) if group["nesterov"] else momentum
         update = newton_schulz(direction, group["ns_steps"], group["ns_coefficients"])
         rows, cols = stack.shape
-        return StackResult({"momentum": momentum}, update, group["lr"] * max(1.0, rows / cols) ** 0.5)
+        return StackResult({"momentum": momentum}, update, learning_rate(group) * max(1.0, rows / cols) ** 0.5)
 
     def _adamw(self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor, t: int) -> StackResult:
         beta1, beta2 = group["adam_betas"]
@@ -115,4 +115,5 @@ class Muon(StackedOptimizer):
         exp_avg_sq = previous.addcmul_(grad, grad, value=1.0 - beta2)
         correction1, correction2 = 1.0 - beta1**t, 1.0 - beta2**t
         direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * correction2**0.5)
-        return StackResult({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, direction, group["lr"] * correction2**0.5 / correction1)
+        scale = learning_rate(group) * correction2**0.5 / correction1
+        return StackResult({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, direction, scale)

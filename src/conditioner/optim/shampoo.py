@@ -17,7 +17,7 @@ import torch
 from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
 from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
@@ -194,7 +194,7 @@ class Shampoo(StackedOptimizer):
         folds = {factor_key(d): (unfold(grad, d), beta2) for d in dims}
         start = group["start_preconditioning_step"]
         refresh = bool(dims) and t >= start and (t - start) % group["precondition_frequency"] == 0
-        result = StackResult(state, scale=group["lr"])
+        result = StackResult(state, scale=learning_rate(group))
         if refresh:
             state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
             self._inverse_roots(group, state, dims, t)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from conditioner.blocks import BlockPolicy
+from conditioner.checks import choice
 from conditioner.linalg import descending_order, orthogonal_iteration_step, staleness
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules
+
+DATA_FORMATS = ("channels_first", "channels_last")
 
 
 class SOAP(EigenAdam):
@@ -20,15 +25,28 @@ class SOAP(EigenAdam):
     to the new basis; dimensions above ``max_precond_dim`` and 1-D parameters are left
     unpreconditioned (plain Adam); weight decay is decoupled and applied after the update.
 
+    The reference's options, with its meaning: ``shampoo_beta`` (factor EMA; None or a negative
+    value such as the reference's default -1 means β2), ``precondition_1d``, ``correct_bias``,
+    ``normalize_grads`` (divide each parameter's projected-back update by its root mean square,
+    plus 1e-30, before the step size), ``merge_dims`` (multiply a parameter's dimensions
+    together left to right while the product stays within ``max_precond_dim``: a conv kernel
+    ``[64, 3, 3, 3]`` becomes one 1728 dimension with its factor, a small matrix one vector,
+    ``[256, 784]`` stays as it is; EigenvalueCorrectedShampoo's and Shampoo's ``merge_dims``
+    keep the leading dimension apart instead) and ``data_format`` (``"channels_last"``: with
+    ``merge_dims``, a 4-D parameter stored as ``[out, h, w, in]`` is read as ``[out, in, h, w]``
+    before merging).
+
     Departures from the reference, all off by default: ``update_first_step`` (also update on the
     first step, with the basis just computed), ``split_large_dims`` (split dimensions above
-    ``max_precond_dim`` into blocks instead of leaving them unpreconditioned), ``merge_dims``
-    (merge small neighbouring dimensions), ``precondition_1d``, ``one_sided_above`` (never
-    precondition dimensions above this size). ``state_dtype`` (default float32, float64 for
-    float64 parameters) sets the dtype of all statistics, ``state_precision`` (``"full"``,
-    ``"bfloat16"``, ``"4bit"``; see :class:`EigenAdam`) how they are stored; ``nonfinite`` is ``"raise"`` or
+    ``max_precond_dim`` into blocks instead of leaving them unpreconditioned; ``normalize_grads``
+    then normalises each block), ``one_sided_above`` (never precondition dimensions above this
+    size). ``state_dtype`` (None: float32, float64 for float64 parameters; or float32, float64)
+    sets the dtype of all statistics, ``state_precision`` (``"full"``, ``"bfloat16"``,
+    ``"4bit"``; see :class:`EigenAdam`) how they are stored; ``nonfinite`` is ``"raise"`` or
     ``"skip"`` for a step whose gradient holds NaN or Inf.
     """
+
+    checks = {**EigenAdam.checks, "data_format": choice(*DATA_FORMATS)}
 
     rules = EigenAdamRules(
         initial_basis="eigh",
@@ -48,6 +66,8 @@ class SOAP(EigenAdam):
         max_precond_dim: int = 10000,
         merge_dims: bool = False,
         precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        data_format: str = "channels_first",
         correct_bias: bool = True,
         update_first_step: bool = False,
         split_large_dims: bool = False,
@@ -66,6 +86,8 @@ class SOAP(EigenAdam):
             max_precond_dim=max_precond_dim,
             merge_dims=merge_dims,
             precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            data_format=data_format,
             correct_bias=correct_bias,
             update_first_step=update_first_step,
             split_large_dims=split_large_dims,
@@ -75,6 +97,11 @@ class SOAP(EigenAdam):
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
+
+    def block_policy(self, group: dict[str, Any]) -> BlockPolicy:
+        """The shared policy with the reference's merge rule and ``data_format``."""
+        policy = super().block_policy(group)
+        return dataclasses.replace(policy, merge_all_dims=True, channels_last=group["data_format"] == "channels_last")
 
     def new_bases(self, group, factors, bases):
         return soap_refresh(factors, bases)
