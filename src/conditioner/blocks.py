@@ -122,23 +122,69 @@ class Stack:
     def preconditioned_dims(self) -> list[int]:
         return [i for i, p in enumerate(self.preconditioned) if p]
 
-    def views(self, tensors: Sequence[torch.Tensor], members: Sequence[int]) -> list[torch.Tensor]:
-        """The block views of ``tensors`` (one per parameter of the group) for ``members``."""
+    def views(
+        self, tensors: Sequence[torch.Tensor], members: Sequence[int], staging: Staging | None = None
+    ) -> list[torch.Tensor]:
+        """The blocks of ``tensors`` (one per parameter of the group) for ``members``.
+
+        Without ``staging`` the blocks are for reading: views where a tensor's memory layout lets
+        it be viewed in its blocks' view shape, else slices of a contiguous copy (a
+        ``channels_last`` conv kernel merged to ``[out, in·kh·kw]``, a non-contiguous gradient).
+        With ``staging`` every block is writable: such a tensor is written through its copy in
+        ``staging``, and :meth:`Staging.write_back` puts the writes into the tensor.
+        """
+        shaped: dict[int, torch.Tensor] = {}
         result = []
         for m in members:
             block = self.blocks[m]
-            result.append(tensors[block.param_index].view(block.view_shape)[block.index])
+            i = block.param_index
+            if i not in shaped:
+                shape = block.view_shape
+                shaped[i] = tensors[i].reshape(shape) if staging is None else staging.view(tensors[i], shape)
+            result.append(shaped[i][block.index])
         return result
 
     def gather(self, tensors: Sequence[torch.Tensor], members: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Stack the members' blocks into one ``(len(members), *shape)`` tensor of ``dtype``.
+        """Stack the members' blocks into one contiguous ``(len(members), *shape)`` tensor of
+        ``dtype``, whatever the layout of ``tensors``: the kernels see the same memory, and so
+        round the same way, for a contiguous, transposed or ``channels_last`` gradient.
 
-        A single block comes back as a view (no copy) when it already has the right dtype.
+        A single contiguous block comes back as a view (no copy) when it already has the right dtype.
         """
         views = self.views(tensors, members)
         if len(views) == 1:
-            return views[0].unsqueeze(0).to(dtype)
+            return views[0].unsqueeze(0).contiguous().to(dtype)
         return torch.stack(views).to(dtype)
+
+
+class Staging:
+    """Writable stand-ins for tensors whose memory layout has no view in their blocks' view shape.
+
+    Merging dimensions needs them adjacent in memory: a ``channels_last`` kernel
+    ``[out, in, kh, kw]`` keeps ``in`` innermost, so ``[out, in·kh·kw]`` is no view of it. Such a
+    tensor is written through a contiguous copy of it, which :meth:`write_back` copies into the
+    tensor: the tensor keeps its identity and its strides, and every element receives exactly the
+    arithmetic it would receive in a contiguous tensor.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def view(self, tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """``tensor`` in ``shape``: a view of it, or its staged copy (made on the first call)."""
+        staged = self._copies.get(id(tensor))
+        if staged is not None:
+            return staged[1]
+        shaped = tensor.reshape(shape)
+        if shaped.data_ptr() != tensor.data_ptr():
+            self._copies[id(tensor)] = (tensor, shaped)
+        return shaped
+
+    def write_back(self) -> None:
+        """Copy every staged copy into its tensor."""
+        for tensor, shaped in self._copies.values():
+            tensor.copy_(shaped.view(tensor.shape))
+        self._copies.clear()
 
 
 def build_stacks(shapes: Sequence[Sequence[int]], policy: BlockPolicy) -> list[Stack]:

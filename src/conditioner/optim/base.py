@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from conditioner.blocks import BlockPolicy, Stack, build_stacks
+from conditioner.blocks import BlockPolicy, Stack, Staging, build_stacks
 from conditioner.checks import Check, check_betas, check_dtype, choice, count, flag, in_range, optional
 from conditioner.distributed.sharded import ShardedUpdates, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
@@ -269,6 +269,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         decayed: dict[int, tuple[torch.Tensor, float]] = {}
         sharded = ShardedUpdates()
+        staging = Staging()
         for item in pending:
             result = item.result
             entries, folds = self._encode(item)
@@ -292,7 +293,7 @@ class StackedOptimizer(torch.optim.Optimizer):
                 continue
             params = item.group["params"]
             tensors = sharded.targets(params, [item.stack.blocks[m].param_index for m in item.members])
-            views = item.stack.views(tensors, item.members)
+            views = item.stack.views(tensors, item.members, staging)
             targets, updates = moves.setdefault(-result.scale, ([], []))
             targets.extend(views)
             updates.extend(u.to(v.dtype) for u, v in zip(result.update.unbind(0), views))
@@ -302,6 +303,7 @@ class StackedOptimizer(torch.optim.Optimizer):
                 decayed[id(p)] = (p, factor)
         for alpha, (targets, updates) in moves.items():
             torch._foreach_add_(targets, updates, alpha=alpha)
+        staging.write_back()
         sharded.apply()
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
