@@ -15,6 +15,7 @@ from conditioner.checks import (
     check_flag,
     check_positive,
     check_range,
+    check_real_tensor,
     optional,
 )
 
@@ -36,6 +37,11 @@ from conditioner.checks import (
         (lambda: check_betas("betas", (0.9,)), "betas: must be a pair"),
         (lambda: check_betas("betas", (1.0, 0.9)), r"betas\[0\]: must be a number in \[0.0, 1.0\)"),
         (lambda: check_dtype("state_dtype", torch.int32), "state_dtype: must be None or a floating-point"),
+        (
+            lambda: check_real_tensor("params[2]", torch.zeros(2, 3, dtype=torch.complex64)),
+            r"params\[2\]: must be a real floating-point tensor .*, got a torch.complex64 tensor of shape \(2, 3\)",
+        ),
+        (lambda: check_real_tensor("params[0]", torch.zeros(4, dtype=torch.bool)), r"params\[0\]: must be a real"),
     ],
 )
 def test_refusals_name_the_argument_and_what_is_allowed(call, message):
@@ -51,3 +57,5 @@ def test_accepted_values_come_back():
     optional(lambda name, value: check_count(name, value, 1))("k", None)
     check_betas("betas", (0.0, 1.0))
     check_dtype("state_dtype", None)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        check_real_tensor("params[0]", torch.zeros(2, dtype=dtype))

@@ -1,11 +1,12 @@
 """Parameters in the forms torch.optim users hand over: memory layouts other than contiguous
-(channels_last conv kernels, non-contiguous gradients) train exactly as contiguous ones."""
+(channels_last conv kernels, non-contiguous gradients) train exactly as contiguous ones, and
+tensors the optimizers cannot train (complex, integer) are refused up front."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cases import assert_params_equal, params_of
+from cases import assert_params_equal, assert_same_state_dict, params_of
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo
@@ -151,3 +152,50 @@ def test_parameter_whose_layout_has_no_block_view_is_written_in_place(name):
         opt_other.step()
         assert_params_equal(params_of(plain), params_of(other))
     assert other.conv2.weight is weight and weight.stride() == strides
+
+
+# --- parameters the optimizers refuse ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_complex_parameter_is_refused_at_construction_naming_it(name):
+    real = nn.Parameter(torch.randn(4, 5))
+    bad = nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"param group 0, params\[1\]: must be a real floating-point tensor") as info:
+        OPTIMIZERS[name]([real, bad])
+    assert "torch.complex64" in str(info.value) and "(3, 4)" in str(info.value)
+    with pytest.raises(ValueError, match=r"param group 1, params\[0\]: .*torch.complex128.*\(6,\)"):
+        OPTIMIZERS[name]([{"params": [real]}, {"params": [torch.zeros(6, dtype=torch.complex128)]}])
+    with pytest.raises(ValueError, match=r"param group 0, params\[1\] \('z'\): .*complex64"):
+        OPTIMIZERS[name]([("w", real), ("z", bad)])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_integer_parameter_is_refused(name):
+    with pytest.raises(ValueError, match=r"params\[0\]: must be a real floating-point tensor.*torch.int64"):
+        OPTIMIZERS[name]([torch.zeros(3, 3, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_complex_parameter_group_added_later_is_refused_and_changes_nothing(name):
+    model, twin = cnn(False), cnn(False)
+    opt = OPTIMIZERS[name](model.parameters())
+    reference = OPTIMIZERS[name](twin.parameters())
+    for i in range(3):
+        for m, o in ((model, opt), (twin, reference)):
+            backward(m, i, False)
+            o.step()
+    before = opt.state_dict()
+    extra = nn.Parameter(torch.randn(5, 5))
+    # a generator, as model.parameters() gives: listed once, then checked
+    group = {"params": (p for p in [extra, nn.Parameter(torch.randn(2, 3, dtype=torch.complex64))]), "lr": 0.5}
+    with pytest.raises(ValueError, match=r"param group 1, params\[1\]: .*complex64.*\(2, 3\)"):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
+    assert_same_state_dict(opt.state_dict(), before)
+    for i in range(3, 6):  # and it goes on exactly as an optimizer that never saw the group
+        for m, o in ((model, opt), (twin, reference)):
+            backward(m, i, False)
+            o.step()
+    assert_params_equal(params_of(model), params_of(twin))
+    assert_same_state_dict(opt.state_dict(), reference.state_dict())
