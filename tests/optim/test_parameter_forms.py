@@ -23,8 +23,11 @@ OPTIMIZERS = {
     "Muon": lambda params, **kw: Muon(params, lr=1e-2, **kw),
 }
 # A small maximum dimension: the merged kernels are also split into several blocks and stacks.
-SPLIT = {"SOAP": dict(max_precond_dim=16, split_large_dims=True), "ECS": dict(max_precond_dim=16),
-         "Shampoo": dict(max_preconditioner_dim=16)}
+SPLIT = {
+    "SOAP": dict(max_precond_dim=16, split_large_dims=True),
+    "ECS": dict(max_precond_dim=16),
+    "Shampoo": dict(max_preconditioner_dim=16),
+}
 
 
 class CNN(nn.Module):

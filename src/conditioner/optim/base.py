@@ -62,12 +62,15 @@ class StackResult:
     ``F ← β·F + (1 − β)·U Uᵀ`` (β = 1: ``F ← F + U Uᵀ``), in place, the matmul accumulating
     straight into F. Deferring the fold keeps the old factor intact until every check has passed
     and avoids both a temporary product and a copy of the factor.
+    ``fallbacks``: decompositions that needed a fallback method (Shampoo: eigh for Newton roots
+    that did not converge), counted on the host; reported once per step, at commit.
     """
 
     state: dict[str, torch.Tensor]
     update: torch.Tensor | None = None
     scale: float = 1.0
     folds: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    fallbacks: int = 0
 
 
 @dataclass
