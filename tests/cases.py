@@ -150,6 +150,38 @@ class MLP(nn.Module):
         return self.out(h)
 
 
+class SharedInput(nn.Module):
+    """Two layers ``a`` and ``b`` read the same input; fed rank-one inputs by
+    :func:`train_shared_input`, the factors of their input side have rank one, and in float32
+    Shampoo's ``F + 1e-12·I`` is singular to working precision (the coupled Newton root diverges)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)) + torch.tanh(self.b(x)))
+
+
+def shared_input_model(seed=0, d=32):
+    torch.manual_seed(seed)
+    return SharedInput(d)
+
+
+def train_shared_input(model, opt, steps, seed=0):
+    """``steps`` steps on batches of 4 inputs along one fixed direction, with random targets."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(1, model.a.in_features, generator=g)
+    for _ in range(steps):
+        x = torch.randn(4, 1, generator=g) @ direction
+        y = torch.randn(4, 3, generator=g)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
 def batch(i, dtype=torch.float32, n=16, d_in=4, d_out=3):
     g = torch.Generator().manual_seed(1000 + i)
     return torch.randn(n, d_in, generator=g).to(dtype), torch.randn(n, d_out, generator=g).to(dtype)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conditioner.blocks import BlockPolicy, blocks_of, build_stacks
+from conditioner.distributed.sharded import UpdateBuffers
 
 
 def layout(shape, **policy):
@@ -190,6 +191,40 @@ def test_stack_views_write_through_to_the_parameter():
     t = torch.zeros(6, 5)
     (view,) = stack.views([t], [0])
     view += 2.0
+    assert bool((t == 2.0).all())
+
+
+@pytest.mark.parametrize("limit", [32, 16], ids=["8x27", "8x9x3"])
+def test_blocks_of_a_channels_last_kernel_read_and_write_as_those_of_a_contiguous_one(limit):
+    """Merged dimensions of a channels_last kernel [8, 3, 3, 3] are not adjacent in memory, so its
+    view shape ([8, 27], or [8, 9, 3] split into chunks) is no view of it. Reads gather the same
+    values, contiguous; writes through UpdateBuffers land in the kernel, which keeps its layout."""
+    shape = (8, 3, 3, 3)
+    stacks = build_stacks([shape], BlockPolicy(limit, split_large_dims=True, merge_small_dims=True))
+    plain = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    last = plain.contiguous(memory_format=torch.channels_last)
+    target, strides = torch.zeros(shape).contiguous(memory_format=torch.channels_last), last.stride()
+    buffers = UpdateBuffers()
+    for stack in stacks:
+        members = range(len(stack.blocks))
+        gathered = stack.gather([last], members, torch.float32)
+        assert gathered.is_contiguous() and torch.equal(gathered, stack.gather([plain], members, torch.float32))
+        targets = buffers.targets([target], [stack.blocks[m] for m in members])
+        for view, value in zip(stack.views(targets, members), gathered, strict=True):
+            view += value
+    assert not target.any()  # nothing reaches the kernel before apply
+    buffers.apply()
+    assert torch.equal(target, plain) and target.stride() == strides
+
+
+def test_update_buffers_write_through_views_when_the_layout_allows():
+    (stack,) = build_stacks([(6, 5)], BlockPolicy(16))
+    t = torch.zeros(5, 6).T  # transposed: still a view in its own (unmerged) shape
+    buffers = UpdateBuffers()
+    (view,) = stack.views(buffers.targets([t], stack.blocks), [0])
+    view += 2.0
+    assert bool((t == 2.0).all())
+    buffers.apply()
     assert bool((t == 2.0).all())
 
 

@@ -15,6 +15,7 @@ from conditioner.checks import (
     check_flag,
     check_positive,
     check_range,
+    check_real_tensor,
     check_scalar,
     in_range,
     optional,
@@ -47,6 +48,11 @@ from conditioner.checks import (
             r"lr: Tensor lr must be 1-element, got a tensor of shape \(2,\)",
         ),
         (lambda: check_scalar("lr", torch.tensor(-1.0), in_range(0.0)), r"lr: must be a number in \[0.0, inf\]"),
+        (
+            lambda: check_real_tensor("params[2]", torch.zeros(2, 3, dtype=torch.complex64)),
+            r"params\[2\]: must be a real floating-point tensor .*, got a torch.complex64 tensor of shape \(2, 3\)",
+        ),
+        (lambda: check_real_tensor("params[0]", torch.zeros(4, dtype=torch.bool)), r"params\[0\]: must be a real"),
     ],
 )
 def test_refusals_name_the_argument_and_what_is_allowed(call, message):
@@ -65,3 +71,5 @@ def test_accepted_values_come_back():
     check_dtype("state_dtype", torch.float64, (torch.float32, torch.float64))
     check_scalar("lr", torch.tensor([[0.5]]), in_range(0.0))
     check_scalar("lr", 0.5, in_range(0.0))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        check_real_tensor("params[0]", torch.zeros(2, dtype=dtype))

@@ -64,7 +64,7 @@ class BlockPolicy:
 class Block:
     """One block: the region ``index`` of parameter ``param_index`` viewed as ``view_shape``,
     after permuting its dimensions to ``dim_order`` when that is given (then the view needs the
-    tensor laid out in memory in that order, see :func:`laid_out_zeros`)."""
+    tensor laid out in memory in that order, see :func:`laid_out`)."""
 
     param_index: int
     view_shape: tuple[int, ...]
@@ -72,6 +72,18 @@ class Block:
     shape: tuple[int, ...]
     preconditioned: tuple[bool, ...]
     dim_order: tuple[int, ...] | None = None
+
+    def is_view_of(self, tensor: torch.Tensor) -> bool:
+        """Whether this block of ``tensor`` is a view of it (writable in place): not when the block
+        reads the dimensions in another order, nor when the memory layout (``channels_last``, a
+        transpose) keeps the dimensions the block merges apart."""
+        if self.dim_order is not None:
+            return False
+        try:
+            tensor.view(self.view_shape)
+        except RuntimeError:
+            return False
+        return True
 
     def region(self, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """This block of ``tensor`` (the whole parameter): a view, or with ``copy`` a copy where
@@ -82,14 +94,14 @@ class Block:
         return shaped[self.index]
 
 
-def laid_out_zeros(
-    shape: Sequence[int], dim_order: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Zeros of ``shape`` laid out in memory in ``dim_order`` (so that the blocks of a parameter
-    read in that order are views of them)."""
-    order = list(dim_order) if dim_order is not None else list(range(len(shape)))
-    zeros = torch.zeros([shape[i] for i in order], dtype=dtype, device=device)
-    return zeros.permute([order.index(i) for i in range(len(shape))])
+def laid_out(tensor: torch.Tensor, dim_order: tuple[int, ...] | None, zeros: bool = False) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` (or zeros of its shape) laid out in memory in ``dim_order``,
+    returned in ``tensor``'s dimension order: the blocks of a parameter read in that order are
+    views of it."""
+    order = list(dim_order) if dim_order is not None else list(range(tensor.ndim))
+    permuted = tensor.permute(order)
+    copy = torch.zeros_like(permuted, memory_format=torch.contiguous_format) if zeros else permuted.contiguous()
+    return copy.permute([order.index(i) for i in range(tensor.ndim)])
 
 
 def _squeeze(shape: Sequence[int]) -> list[int]:
@@ -178,14 +190,16 @@ class Stack:
         return [self.blocks[m].region(tensors[self.blocks[m].param_index]) for m in members]
 
     def gather(self, tensors: Sequence[torch.Tensor], members: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Stack the members' blocks into one ``(len(members), *shape)`` tensor of ``dtype``.
+        """Stack the members' blocks into one contiguous ``(len(members), *shape)`` tensor of
+        ``dtype``, whatever the layout of ``tensors``: the kernels see the same memory, and so
+        round the same way, for a contiguous, transposed or ``channels_last`` gradient.
 
-        A single block comes back as a view (no copy) when it already has the right dtype and
-        the tensor is laid out in the block's order.
+        A single contiguous block comes back as a view (no copy) when it already has the right
+        dtype and the tensor is laid out in the block's order.
         """
         views = [self.blocks[m].region(tensors[self.blocks[m].param_index], copy=True) for m in members]
         if len(views) == 1:
-            return views[0].unsqueeze(0).to(dtype)
+            return views[0].unsqueeze(0).contiguous().to(dtype)
         return torch.stack(views).to(dtype)
 
 

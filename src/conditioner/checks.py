@@ -89,6 +89,16 @@ def check_scalar(name: str, value: Any, check: Check) -> None:
     check(name, value)
 
 
+def check_real_tensor(name: str, value: Any) -> None:
+    """A tensor of a real floating-point dtype: complex, integer and bool tensors are refused
+    (other values are left to the caller)."""
+    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+        raise ValueError(
+            f"{name}: must be a real floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
+        )
+
+
 def in_range(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Check:
     return lambda name, value: check_range(name, value, low, high, low_open, high_open)
 

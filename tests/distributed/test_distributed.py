@@ -29,9 +29,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from cases import shared_input_model, train_shared_input
 from distributed_cases import OPTIMIZERS, STEPS, make_model, reference, spawn, train
 
-from conditioner import SOAP
+from conditioner import SOAP, Shampoo
 from conditioner.distributed import SpreadRefresh, assign_lpt, decomposition_cost, spread_refresh
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,6 +193,24 @@ def test_spread_refresh_on_one_rank_matches_one_process(name, world_of_one):
     train(model, optimizer, range(STEPS))
     assert executor.computed > 0 and executor.exchanges > 0
     _assert_params([p.detach() for p in model.parameters()], reference(name), **TOLERANCE)
+
+
+def test_spread_newton_roots_fall_back_as_in_one_process(world_of_one):
+    """Shampoo's Newton roots with the eigh fallback through SpreadRefresh: the fallback masks
+    travel with the roots, so the counts and the parameters are those of one process."""
+    counts, params = [], []
+    for spread in (False, True):
+        model = shared_input_model()
+        optimizer = Shampoo(model.parameters(), root_method="newton")
+        if spread:
+            executor = spread_refresh(optimizer)
+        train_shared_input(model, optimizer, 40)
+        counts.append(optimizer.fallback_counts())
+        params.append([p.detach() for p in model.parameters()])
+    assert executor.computed > 0
+    assert counts[0].keys() == counts[1].keys() and sum(int(c.sum()) for c in counts[0].values()) > 0
+    assert all(torch.equal(counts[0][k], counts[1][k]) for k in counts[0])
+    _assert_params(params[1], params[0], **TOLERANCE)
 
 
 def test_checkpoint_round_trip_in_one_process(tmp_path):

@@ -25,6 +25,7 @@ from conditioner.linalg import (
     inverse_root_eigh,
     inverse_root_from_eigh,
     inverse_root_newton,
+    newton_root,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,6 +81,7 @@ def test_inverse_root_matches_numpy(kind, dtype, p, method):
     else:
         newton_tol = 1e-12 if dtype == torch.float64 else 1e-6  # float32 cannot reach 1e-12
         x = inverse_root_newton(t, p, epsilon, tolerance=newton_tol)
+        assert not newton_root(t, p, epsilon, tolerance=newton_tol).fell_back.any()  # Newton's own root
     assert x.dtype == dtype and x.shape == t.shape
     ref = np_inverse_root(exact, p, epsilon)
     err = relative_error(x.double().numpy(), ref)
@@ -122,6 +124,7 @@ def test_inverse_fourth_root_on_a_mixed_stack(dtype, method):
         x = inverse_root_eigh(t, 4, epsilon)
     else:
         x = inverse_root_newton(t, 4, epsilon, tolerance=newton_tol)
+        assert not newton_root(t, 4, epsilon, tolerance=newton_tol).fell_back.any()  # Newton's own roots
     ref = np_inverse_root(exact, 4, epsilon)
     err = relative_error(x.double().numpy(), ref)
     for b in range(len(a)):
@@ -145,6 +148,7 @@ def test_inverse_root_property_float64(a, p, relative_epsilon):
     ref = np_inverse_root(a, p, epsilon)
     xe = inverse_root_eigh(t, p, epsilon).numpy()
     xn = inverse_root_newton(t, p, epsilon, tolerance=1e-12).numpy()
+    assert not newton_root(t, p, epsilon, tolerance=1e-12).fell_back.any()
     for b in range(len(a)):
         tol = root_tolerance(a[b], p, epsilon, torch.float64, 1e-12)
         assert relative_error(xe[b], ref[b]) <= tol
@@ -197,3 +201,58 @@ def test_newton_root_requires_integer_p_but_eigh_does_not():
     x = inverse_root_newton(a, 2.0, tolerance=1e-12).numpy()
     tol = root_tolerance(a[0].numpy(), 2, 0.0, torch.float64, 1e-12)
     assert relative_error(x, np_inverse_root(a.numpy(), 2, 0.0)).max() <= tol
+
+
+# ----------------------------------------------------------------------------------------------
+# Newton with the eigh fallback
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_newton_root_replaces_exactly_the_non_converged_matrices_by_eigh_roots(dtype):
+    """Member 1 has a negative eigenvalue (-0.3, below -ε): the eigenvalue of M that starts
+    negative moves away from 1 at every step, the iteration overflows, and the non-finite residual
+    marks it. It gets the eigh root, (λ⁺ + ε)^(-1/p) with λ⁺ = max(λ, 0), as inverse_root_eigh
+    gives it; members 0 and 2 converge and keep the Newton result."""
+    rng = np.random.default_rng(21)
+    d, p, epsilon = 8, 4, 1e-2
+    spectra = [np.geomspace(1.0, 0.1, d), np.r_[np.linspace(1.0, 0.2, d - 1), -0.3], np.geomspace(2.0, 0.5, d)]
+    t, exact = as_torch(np.stack([with_spectrum(rng, s) for s in spectra]), dtype)
+    newton_tol = 1e-12 if dtype == torch.float64 else 1e-6  # float32 cannot reach 1e-12
+    result = newton_root(t, p, epsilon, tolerance=newton_tol)
+    assert result.fell_back.tolist() == [False, True, False] and result.fallbacks == 1
+    assert result.root.dtype == dtype and bool(torch.isfinite(result.root).all())
+    converged = newton_root(t[[0, 2]], p, epsilon, tolerance=newton_tol)
+    assert not converged.fell_back.any() and converged.fallbacks == 0
+    assert torch.equal(result.root[[0, 2]], converged.root)
+    assert torch.equal(inverse_root_newton(t, p, epsilon, tolerance=newton_tol), result.root)
+    assert torch.equal(result.root[1], inverse_root_eigh(t[1:2], p, epsilon)[0])
+    # against float64 numpy; κ = (1 + ε)/ε ≈ 100 for the clamped spectrum of member 1, whose
+    # root is eigh's and carries no Newton residual
+    ref = np_inverse_root(exact, p, epsilon)
+    err = relative_error(result.root.double().numpy(), ref)
+    for b, residual in enumerate((newton_tol, 0.0, newton_tol)):
+        assert err[b] <= root_tolerance(exact[b], p, epsilon, dtype, residual), (b, err[b])
+
+
+def test_newton_root_falls_back_when_the_residual_stays_above_the_tolerance():
+    """Stopped after 2 iterations, no matrix meets the tolerance (finite residuals): all take eigh."""
+    rng = np.random.default_rng(22)
+    t = torch.from_numpy(np.stack([with_spectrum(rng, np.geomspace(1.0, 0.01, 6)) for _ in range(3)]))
+    result = newton_root(t, 2, 1e-3, max_iterations=2)
+    assert result.fell_back.all() and result.fallbacks == 3
+    assert torch.equal(result.root, inverse_root_eigh(t, 2, 1e-3))
+    assert not newton_root(t, 2, 1e-3).fell_back.any()
+
+
+def test_newton_root_of_a_rank_deficient_float32_factor_stays_bounded():
+    """Shampoo's case: a rank-one float32 factor with ε = 1e-12 is singular to working precision.
+    Without the fallback the iteration ran 100 times and returned entries of ~1e28; the eigh root
+    is bounded by the largest eigenvalue's root of the clamped float32 spectrum, (0 + ε)^(-1/4) = 1e3."""
+    g = torch.Generator().manual_seed(23)
+    u = torch.randn(2, 32, 1, generator=g)
+    factor = u @ u.mT  # rank one
+    result = newton_root(factor, 4, 1e-12)
+    assert result.fell_back.all()
+    assert bool(torch.isfinite(result.root).all()) and float(result.root.abs().max()) <= 1e3 * 1.001
+    assert torch.equal(result.root, inverse_root_eigh(factor, 4, 1e-12))

@@ -6,7 +6,8 @@ block, so the optimizer works on FULL gradients (one all-gather per parameter, a
 forward does for the weights) and computes the exact single-process update on every rank; each
 rank then adds the part of the update that falls in its own shard. The optimizer state is
 therefore replicated, as under DDP, and the refresh can be spread in the same way.
-:class:`UpdateBuffers` also serves parameters whose blocks are read in another dimension order.
+:class:`UpdateBuffers` also serves parameters whose blocks are not views of them (read in another
+dimension order, or laid out in memory so that merged dimensions are apart).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from conditioner.blocks import Block, laid_out_zeros
+from conditioner.blocks import Block, laid_out
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -37,34 +38,39 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class UpdateBuffers:
-    """Full-size zero buffers that stand in for the parameters whose blocks are not views of them
-    while the updates are added: DTensors, and parameters read in another dimension order
-    (:attr:`conditioner.blocks.Block.dim_order`). A buffer is laid out in memory in its blocks'
-    order; :meth:`apply` adds it to its parameter (to a DTensor: this rank's part)."""
+    """Full-size stand-ins for the parameters whose blocks are not views of them, while the
+    updates are added. A DTensor gets zeros, and :meth:`apply` adds this rank's part of them to
+    its shard. A parameter read in another dimension order (:attr:`conditioner.blocks.Block.dim_order`)
+    or laid out so that its blocks are no views (a ``channels_last`` conv kernel merged to
+    ``[out, in·kh·kw]``) gets a copy laid out in its blocks' order; the updates are added to the
+    copy exactly as they would be to a contiguous parameter, and :meth:`apply` copies it back, so
+    the parameter keeps its identity, its strides, and bit for bit the contiguous result."""
 
     def __init__(self) -> None:
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sharded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def targets(self, params: Sequence[torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
-        """``params`` with the parameter of each of ``blocks`` that needs one replaced by its buffer."""
+        """``params`` with the parameter of each of ``blocks`` that needs one replaced by its stand-in."""
         result = list(params)
         for block in blocks:
             p = params[block.param_index]
-            if block.dim_order is None and not is_sharded(p):
-                continue
-            if id(p) not in self._buffers:
-                zeros = laid_out_zeros(p.shape, block.dim_order, p.dtype, local_tensor(p).device)
-                self._buffers[id(p)] = (p, zeros)
-            result[block.param_index] = self._buffers[id(p)][1]
+            if id(p) in self._sharded or id(p) in self._staged:
+                result[block.param_index] = (self._sharded.get(id(p)) or self._staged[id(p)])[1]
+            elif is_sharded(p):
+                self._sharded[id(p)] = (p, laid_out(local_tensor(p).new_empty(p.shape), block.dim_order, zeros=True))
+                result[block.param_index] = self._sharded[id(p)][1]
+            elif not block.is_view_of(p):
+                self._staged[id(p)] = (p, laid_out(p, block.dim_order))
+                result[block.param_index] = self._staged[id(p)][1]
         return result
 
     def apply(self) -> None:
-        """Add each buffer to its parameter; for a DTensor, this rank's part of it (sliced here, no
-        communication) to its shard."""
-        for p, buffer in self._buffers.values():
-            if not is_sharded(p):
-                p.add_(buffer)
-                continue
+        """Copy each staged parameter back; add to each DTensor's shard this rank's part of its
+        buffer (sliced here, no communication)."""
+        for p, staged in self._staged.values():
+            p.copy_(staged)
+        for p, buffer in self._sharded.values():
             from torch.distributed.tensor import distribute_tensor
 
             part = distribute_tensor(buffer.contiguous(), p.device_mesh, p.placements, src_data_rank=None).to_local()

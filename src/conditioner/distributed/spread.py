@@ -158,12 +158,14 @@ class SpreadRefresh:
         return new, changed, orders
 
     def inverse_roots(
-        self, root: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], factors: dict[int, torch.Tensor]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``root(factor)`` → (inverse root, ok mask) for every dim's factors, block by block on
-        the owners."""
+        self,
+        root: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        factors: dict[int, torch.Tensor],
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``root(factor)`` → (inverse root, ok mask, fell-back mask) for every dim's factors,
+        block by block on the owners."""
         work = {
-            d: BlockWork((f,), (((n, n), f.dtype), ((), torch.bool)), decomposition_cost(n))
+            d: BlockWork((f,), (((n, n), f.dtype), ((), torch.bool), ((), torch.bool)), decomposition_cost(n))
             for d, f in factors.items()
             for n in [f.shape[-1]]
         }

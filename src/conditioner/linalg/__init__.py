@@ -3,7 +3,13 @@
 from conditioner.linalg.eigh import Eigh, safe_eigh
 from conditioner.linalg.orthogonal import CUBIC_COEFFICIENTS, MUON_COEFFICIENTS, bjorck_rectify, newton_schulz
 from conditioner.linalg.quantize import Quantized, dequantize, dequantize_basis, quantize
-from conditioner.linalg.roots import inverse_root_eigh, inverse_root_from_eigh, inverse_root_newton
+from conditioner.linalg.roots import (
+    NewtonRoot,
+    inverse_root_eigh,
+    inverse_root_from_eigh,
+    inverse_root_newton,
+    newton_root,
+)
 from conditioner.linalg.tracking import (
     QRRefresh,
     Staleness,
@@ -19,6 +25,7 @@ from conditioner.linalg.tracking import (
 __all__ = [
     "CUBIC_COEFFICIENTS",
     "MUON_COEFFICIENTS",
+    "NewtonRoot",
     "Eigh",
     "QRRefresh",
     "Quantized",
@@ -31,6 +38,7 @@ __all__ = [
     "inverse_root_eigh",
     "inverse_root_from_eigh",
     "inverse_root_newton",
+    "newton_root",
     "newton_schulz",
     "orthogonal_iteration_step",
     "orthonormal_factor",

@@ -1,10 +1,13 @@
 """Inverse p-th roots ``(A + εI)^(-1/p)`` of stacks of symmetric positive semi-definite matrices.
 
 Two routes, as in Shampoo: through an eigendecomposition (exact, uses :func:`safe_eigh`), and the
-coupled Newton iteration of Guo & Higham (2006), which needs only matrix products.
+coupled Newton iteration of Guo & Higham (2006), which needs only matrix products and falls back
+to the eigendecomposition for the matrices where it does not converge.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -48,20 +51,40 @@ def _integer_power(x: torch.Tensor, n: int) -> torch.Tensor:
     return result
 
 
-def inverse_root_newton(
+class NewtonRoot(NamedTuple):
+    """Result of :func:`newton_root`: the inverse roots ``(B, d, d)``; ``fell_back`` ``(B,)``,
+    True where the Newton iteration did not converge and the root is the eigh root instead; and
+    ``fallbacks``, their number, known on the host without a synchronisation."""
+
+    root: torch.Tensor
+    fell_back: torch.Tensor
+    fallbacks: int
+
+
+def newton_root(
     a: torch.Tensor,
     p: int,
     epsilon: float = 0.0,
     max_iterations: int = 100,
     tolerance: float = 1e-6,
-) -> torch.Tensor:
-    """``(A + εI)^(-1/p)`` by the coupled Newton iteration, for an integer ``p ≥ 1``.
+) -> NewtonRoot:
+    """``(A + εI)^(-1/p)`` by the coupled Newton iteration, for an integer ``p ≥ 1``, with
+    :func:`inverse_root_eigh` for the matrices where the iteration does not converge.
 
     With ``c^p = (p+1)‖A‖_F / 2``: ``X₀ = I/c``, ``M₀ = A/c^p``, then ``T = ((p+1)I − M)/p``,
     ``X ← X T``, ``M ← T^p M``. The invariant ``M = X^p A`` holds, and M → I. Each matrix stops
     when ``max|M − I| < tolerance``; the iteration runs in float64 for matrices of float64 and in
     float32 otherwise. The Frobenius norm bounds the spectral norm, so the eigenvalues of M₀ lie
     in (0, 2/(p+1)], inside the region of convergence.
+
+    That holds in exact arithmetic for A ⪰ 0. A matrix that is singular to working precision
+    (a rank-deficient float32 factor with a tiny ε) or indefinite gives M an eigenvalue ≤ 0,
+    which the iteration drives away from 1: X grows without bound. A matrix whose residual is
+    not finite stops iterating; one whose residual is still above ``tolerance`` after
+    ``max_iterations`` (or not finite) did not converge, and exactly those are recomputed by
+    eigh (negative eigenvalues clamped to 0, as :func:`inverse_root_from_eigh`). The iteration
+    synchronises with the host once per step, as before; the fallback adds one synchronisation
+    only when some matrix did not converge.
     """
     _check_root_arguments(a, p, epsilon)
     if int(p) != p:
@@ -76,13 +99,31 @@ def inverse_root_newton(
     c_pow = (p + 1) * norm / 2
     x = eye / c_pow.pow(1.0 / p)
     m = work / c_pow
-    for _ in range(max_iterations):
+    for iteration in range(max_iterations + 1):
         error = (m - eye).abs().flatten(-2).amax(-1)
-        active = error >= tolerance
-        if not bool(active.any()):
+        unconverged = ~(error < tolerance)
+        active = unconverged & torch.isfinite(error)
+        any_active, any_unconverged = torch.stack([active.any(), unconverged.any()]).tolist()
+        if not any_active or iteration == max_iterations:
             break
         t = ((p + 1) * eye - m) / p
         mask = active[:, None, None]
         x = torch.where(mask, x @ t, x)
         m = torch.where(mask, _integer_power(t, p) @ m, m)
-    return x.to(a.dtype)
+    if not any_unconverged:
+        return NewtonRoot(x.to(a.dtype), unconverged, 0)
+    index = unconverged.nonzero().flatten()
+    x = x.index_copy(0, index, inverse_root_eigh(a.index_select(0, index).to(dtype), p, epsilon))
+    return NewtonRoot(x.to(a.dtype), unconverged, index.numel())
+
+
+def inverse_root_newton(
+    a: torch.Tensor,
+    p: int,
+    epsilon: float = 0.0,
+    max_iterations: int = 100,
+    tolerance: float = 1e-6,
+) -> torch.Tensor:
+    """``(A + εI)^(-1/p)`` by the coupled Newton iteration, eigh where it does not converge:
+    the root of :func:`newton_root`."""
+    return newton_root(a, p, epsilon, max_iterations, tolerance).root

@@ -31,7 +31,18 @@ from typing import Any
 import torch
 
 from conditioner.blocks import BlockPolicy, Stack, build_stacks
-from conditioner.checks import Check, check_betas, choice, count, dtypes, flag, in_range, optional, scalar
+from conditioner.checks import (
+    Check,
+    check_betas,
+    check_real_tensor,
+    choice,
+    count,
+    dtypes,
+    flag,
+    in_range,
+    optional,
+    scalar,
+)
 from conditioner.distributed.sharded import UpdateBuffers, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
 from conditioner.optim.precision import Decoded, decode, encode, stored_form
@@ -55,12 +66,15 @@ class StackResult:
     ``F ← β·F + (1 − β)·U Uᵀ`` (β = 1: ``F ← F + U Uᵀ``), in place, the matmul accumulating
     straight into F. Deferring the fold keeps the old factor intact until every check has passed
     and avoids both a temporary product and a copy of the factor.
+    ``fallbacks``: decompositions that needed a fallback method (Shampoo: eigh for Newton roots
+    that did not converge), counted on the host; reported once per step, at commit.
     """
 
     state: dict[str, torch.Tensor]
     update: torch.Tensor | None = None
     scale: float = 1.0
     folds: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    fallbacks: int = 0
 
 
 @dataclass
@@ -168,10 +182,32 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._stored_precisions = [group.get("state_precision", "full") for group in self.param_groups]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, after checking the group's options and its
+        parameters: a complex (or integer) tensor raises ValueError and nothing is added."""
         self.validate(param_group)
+        self._check_parameters(param_group)
         super().add_param_group(param_group)
         self._layouts = {}
         self._stored_precisions.append(self.param_groups[-1]["state_precision"])
+
+    def _check_parameters(self, param_group: dict[str, Any]) -> None:
+        """Refuse tensors that are not real floating point, naming each by its group and index
+        (and its name when given as ``(name, tensor)``). The factors and moments of a complex
+        tensor would need Hermitian algebra this library does not have; a real view of it would
+        precondition its real and imaginary parts as unrelated coordinates.
+
+        An iterator of parameters is listed here, in the group, as torch would list it."""
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets with its own message
+            params = param_group["params"] = list(params)
+        group = len(self.param_groups)
+        for i, entry in enumerate(params):
+            label = f"param group {group}, params[{i}]"
+            if isinstance(entry, tuple) and len(entry) == 2:
+                label, entry = f"{label} ({entry[0]!r})", entry[1]
+            check_real_tensor(label, entry)
 
     def layout(self, group_index: int) -> list[Stack]:
         """The stacks of param group ``group_index`` (computed once, then cached)."""

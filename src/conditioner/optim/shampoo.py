@@ -9,19 +9,21 @@ method: ``U ← U · ‖U_graft‖ / ‖U‖`` (docs/algorithms.md §1).
 
 from __future__ import annotations
 
-from functools import partial
+import logging
 from typing import Any
 
 import torch
 
 from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
-from conditioner.linalg import inverse_root_from_eigh, inverse_root_newton, safe_eigh
+from conditioner.linalg import inverse_root_from_eigh, newton_root, safe_eigh
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
 from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
 ROOT_METHODS = ("eigh", "newton")
+
+logger = logging.getLogger(__name__)
 
 
 def _root_key(dim: int) -> str:
@@ -38,7 +40,11 @@ class Shampoo(StackedOptimizer):
       scaling) or ``"none"`` (raw Shampoo step). Before ``start_preconditioning_step`` (default:
       ``precondition_frequency``) the grafted method alone is applied, and blocks without a
       preconditioned dimension always use it.
-    - ``root_method``: ``"eigh"`` or ``"newton"`` (coupled Newton iteration);
+    - ``root_method``: ``"eigh"`` or ``"newton"`` (coupled Newton iteration; a root where it does
+      not converge, as for a factor singular to working precision, is computed by eigh instead,
+      counted per factor by :meth:`fallback_counts` and logged as one warning per step that had
+      any; under ``spread_refresh`` each process logs the roots it computed itself, while the
+      counts, exchanged with the roots, are complete on every process);
       ``exponent_override``: use ``p`` instead of ``2k`` in ``F^(-1/p)``.
     - ``nesterov``: use the look-ahead ``lerp(m, G, 1 − β1)`` instead of ``m``.
     - Blocking as in Distributed Shampoo: dimensions above ``max_preconditioner_dim`` split
@@ -120,7 +126,8 @@ class Shampoo(StackedOptimizer):
 
     def _initial_state(self, group: dict[str, Any], stack: Stack, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         dims = stack.preconditioned_dims
-        state = {"refreshes": torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device)}
+        counts = torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device)
+        state = {"refreshes": counts, "fallbacks": counts.clone()}
         if group["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(grad)
         if group["grafting"] in ("adam", "rmsprop", "adagrad"):
@@ -147,34 +154,49 @@ class Shampoo(StackedOptimizer):
         state["graft_sq"] = graft_sq
         return momentum / (denom + group["grafting_epsilon"])
 
-    def _inverse_roots(
-        self, group: dict[str, Any], state: dict[str, torch.Tensor], dims: list[int], t: int
-    ) -> None:
+    def _inverse_roots(self, group: dict[str, Any], state: dict[str, torch.Tensor], dims: list[int], t: int) -> int:
+        """Recompute the stack's inverse roots; returns how many of those this process computed
+        fell back from Newton to eigh."""
         beta2 = group["betas"][1]
         correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**t
         p = group["exponent_override"] or 2 * len(dims)
         factors = {d: state[factor_key(d)] / correction for d in dims}
-        compute = partial(self._inverse_root, group, p)
+        fallbacks = 0
+
+        def compute(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            nonlocal fallbacks
+            root, ok, fell_back, count = self._inverse_root(group, p, factor)
+            fallbacks += count
+            return root, ok, fell_back
+
         if self.executor is None:
             roots = {d: compute(factor) for d, factor in factors.items()}
         else:
             roots = self.executor.inverse_roots(compute, factors)
         refreshes = state["refreshes"].clone()
+        fell_backs = state["fallbacks"].clone() if "fallbacks" in state else torch.zeros_like(refreshes)
         for position, d in enumerate(dims):
-            root, ok = roots[d]
+            root, ok, fell_back = roots[d]
             state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
             refreshes[:, position] += ok.to(refreshes.dtype)
+            fell_backs[:, position] += fell_back.to(fell_backs.dtype)
         state["refreshes"] = refreshes
+        state["fallbacks"] = fell_backs
+        return fallbacks
 
     @staticmethod
-    def _inverse_root(group: dict[str, Any], p: float, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(F + εI)^(-1/p)`` of each factor in the stack and whether it can be trusted."""
+    def _inverse_root(
+        group: dict[str, Any], p: float, factor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(F + εI)^(-1/p)`` of each factor in the stack, whether it can be trusted, whether
+        Newton fell back to eigh for it, and the number of those fallbacks (a host integer)."""
         if group["root_method"] == "newton":
-            root = inverse_root_newton(factor, int(p), group["epsilon"])
-            return root, torch.isfinite(root).flatten(1).all(1)
+            result = newton_root(factor, int(p), group["epsilon"])
+            return result.root, torch.isfinite(result.root).flatten(1).all(1), result.fell_back, result.fallbacks
         eig = safe_eigh(factor)
         root = inverse_root_from_eigh(eig.eigenvalues, eig.eigenvectors, p, group["epsilon"]).to(factor.dtype)
-        return root, ~eig.failed & torch.isfinite(root).flatten(1).all(1)
+        ok = ~eig.failed & torch.isfinite(root).flatten(1).all(1)
+        return root, ok, torch.zeros_like(ok), 0
 
     def stack_step(
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
@@ -197,7 +219,7 @@ class Shampoo(StackedOptimizer):
         result = StackResult(state, scale=learning_rate(group))
         if refresh:
             state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
-            self._inverse_roots(group, state, dims, t)
+            result.fallbacks = self._inverse_roots(group, state, dims, t)
         else:
             result.folds = folds
         if not dims or t < start:
@@ -211,3 +233,27 @@ class Shampoo(StackedOptimizer):
             direction = direction * torch.where(norm > 0, block_norms(graft) / norm.clamp_min(1e-30), 0.0)
         result.update = direction
         return result
+
+    def _commit(self, pending: list[Any]) -> None:
+        """Commit the step, then log its Newton-to-eigh fallbacks in one warning."""
+        super()._commit(pending)
+        fallbacks = sum(item.result.fallbacks for item in pending)
+        if fallbacks:
+            logger.warning(
+                "Shampoo: %d inverse roots did not converge by the coupled Newton iteration and were "
+                "computed by eigh instead (per factor: fallback_counts())",
+                fallbacks,
+            )
+
+    def fallback_counts(self) -> dict[str, torch.Tensor]:
+        """Inverse roots the Newton iteration did not converge on, so that eigh computed them, per
+        stack: ``(blocks, preconditioned dims)`` int64 counts, keyed as :meth:`refresh_counts`."""
+        return {
+            k: v.get("fallbacks", torch.zeros_like(v["refreshes"])).clone()
+            for k, v in self.state.items()
+            if isinstance(k, str) and "refreshes" in v
+        }
+
+    def total_fallbacks(self) -> int:
+        """Newton-to-eigh fallbacks summed over all blocks and factors."""
+        return int(sum(int(c.sum()) for c in self.fallback_counts().values()))
