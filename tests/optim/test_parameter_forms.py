@@ -1,6 +1,9 @@
 """Parameters in the forms torch.optim users hand over: memory layouts other than contiguous
-(channels_last conv kernels, non-contiguous gradients) train exactly as contiguous ones, and
-tensors the optimizers cannot train (complex, integer) are refused up front."""
+(channels_last conv kernels, non-contiguous gradients) train exactly as contiguous ones; groups
+added after steps, zero-element, frozen, 0-d, float16 parameters and parameters built on the meta
+device work (each against the plain float32 run it should equal); tensors the optimizers cannot
+train (complex, integer, the same tensor twice, values on the meta device) are refused up front,
+naming the parameter, before anything changes."""
 
 from __future__ import annotations
 
@@ -202,3 +205,132 @@ def test_a_complex_parameter_group_added_later_is_refused_and_changes_nothing(na
             o.step()
     assert_params_equal(params_of(model), params_of(twin))
     assert_same_state_dict(opt.state_dict(), reference.state_dict())
+
+
+# --- the other forms a torch.optim user can pass ------------------------------------------------
+
+
+def _steps(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, first: int, last: int) -> None:
+    """Steps ``first..last-1`` with fixed gradients per (parameter shape, step): the same for every
+    optimizer, whatever else it holds."""
+    for i in range(first, last):
+        for p in params:
+            g = torch.Generator().manual_seed(1000 * i + p.numel())
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        optimizer.step()
+
+
+def _weights(seed: int, *shapes: tuple[int, ...], dtype=torch.float32) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in shapes]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_same_tensor_twice_is_refused_in_one_group_and_across_groups(name):
+    w = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"param group 0, params\[1\]: is the same tensor as params\[0\]"):
+        OPTIMIZERS[name]([w, w])
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+        OPTIMIZERS[name]([{"params": [w]}, {"params": [w]}])
+    opt = OPTIMIZERS[name]([w])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [w]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_group_added_after_steps_trains_as_its_own_optimizer_would(name):
+    a, b = _weights(0, (6, 5), (5, 4))
+    a_alone, b_alone = _weights(0, (6, 5), (5, 4))
+    opt, only_a, only_b = OPTIMIZERS[name]([a]), OPTIMIZERS[name]([a_alone]), None
+    _steps([a], opt, 0, 4)
+    _steps([a_alone], only_a, 0, 4)
+    opt.add_param_group({"params": [b], "lr": 5e-3})
+    only_b = OPTIMIZERS[name]([{"params": [b_alone], "lr": 5e-3}])
+    for i in range(4, 9):
+        _steps([a, b], opt, i, i + 1)
+        _steps([a_alone], only_a, i, i + 1)
+        b_alone.grad = b.grad.clone()
+        only_b.step()
+    assert torch.equal(a, a_alone) and torch.equal(b, b_alone)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_element_and_frozen_parameters_change_nothing(name):
+    empty, frozen = nn.Parameter(torch.zeros(0, 3)), nn.Parameter(torch.randn(3, 3), requires_grad=False)
+    frozen_before = frozen.detach().clone()
+    (w,) = _weights(1, (6, 5))
+    (plain,) = _weights(1, (6, 5))
+    opt, reference = OPTIMIZERS[name]([w, empty, frozen]), OPTIMIZERS[name]([plain])
+    for i in range(6):
+        _steps([w, empty], opt, i, i + 1)
+        _steps([plain], reference, i, i + 1)
+    assert torch.equal(w, plain) and torch.equal(frozen, frozen_before) and empty.shape == (0, 3)
+    restored = OPTIMIZERS[name]([w, empty, frozen])
+    restored.load_state_dict(opt.state_dict())
+    assert_same_state_dict(restored.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_0d_parameter_trains_as_its_one_element_vector(name):
+    scalar, vector = nn.Parameter(torch.tensor(0.7)), nn.Parameter(torch.tensor([0.7]))
+    opt_scalar, opt_vector = OPTIMIZERS[name]([scalar]), OPTIMIZERS[name]([vector])
+    for i in range(6):
+        g = torch.Generator().manual_seed(i)
+        scalar.grad = torch.randn((), generator=g)
+        vector.grad = scalar.grad.reshape(1).clone()
+        opt_scalar.step()
+        opt_vector.step()
+    assert scalar.shape == () and scalar != 0.7 and torch.equal(scalar.reshape(1), vector)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_float16_parameters_train_with_float32_state_like_float32_ones(name):
+    """A float16 parameter gets float32 statistics. Given the same (float16) gradients, its state
+    is that of a float32 parameter bit for bit, and the parameters differ only by rounding to
+    float16 what is applied: at most two roundings per step (the update, then the sum), each
+    within 2^-11 of the value's size."""
+    half, full = _weights(2, (6, 5), dtype=torch.float16), [nn.Parameter(p.detach().float()) for p in
+                                                            _weights(2, (6, 5), dtype=torch.float16)]
+    opt_half, opt_full = OPTIMIZERS[name](half), OPTIMIZERS[name](full)
+    steps = 8
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        half[0].grad = torch.randn(6, 5, generator=g).to(torch.float16)
+        full[0].grad = half[0].grad.float()
+        opt_full.step()
+        opt_half.step()
+    assert half[0].dtype == torch.float16
+    assert_same_state_dict(opt_half.state_dict(), opt_full.state_dict())
+    bound = steps * 2 * 2**-11 * float(full[0].detach().abs().max() + 1)
+    torch.testing.assert_close(half[0].float(), full[0].detach(), rtol=0, atol=bound)
+    assert not torch.equal(half[0], _weights(2, (6, 5), dtype=torch.float16)[0])  # it moved
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_an_optimizer_built_on_meta_parameters_trains_once_they_are_materialised_in_place(name):
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        deferred = nn.Linear(5, 4)
+    opt = OPTIMIZERS[name](deferred.parameters())
+    deferred.weight.grad, deferred.bias.grad = torch.empty_like(deferred.weight), torch.empty_like(deferred.bias)
+    with pytest.raises(ValueError, match=r"param group 0, params\[0\]: is on the meta device"):
+        opt.step()
+    assert opt.state_dict()["state"] == {}
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        deferred.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    eager = nn.Linear(5, 4)
+    with torch.no_grad():
+        for target, source in zip(deferred.parameters(), eager.parameters()):
+            target.copy_(source)
+    reference = OPTIMIZERS[name](eager.parameters())
+    params = list(deferred.parameters())
+    assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in params)  # the same objects
+    for i in range(5):
+        _steps(params, opt, i, i + 1)
+        _steps(list(eager.parameters()), reference, i, i + 1)
+    assert_params_equal(params_of(deferred), params_of(eager))

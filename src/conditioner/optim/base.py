@@ -191,7 +191,8 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._stored_precisions.append(self.param_groups[-1]["state_precision"])
 
     def _check_parameters(self, param_group: dict[str, Any]) -> None:
-        """Refuse tensors that are not real floating point, naming each by its group and index
+        """Refuse tensors that are not real floating point, and a tensor given twice in the group
+        (its blocks would be stepped twice; torch only warns), naming each by its group and index
         (and its name when given as ``(name, tensor)``). The factors and moments of a complex
         tensor would need Hermitian algebra this library does not have; a real view of it would
         precondition its real and imaginary parts as unrelated coordinates.
@@ -203,11 +204,15 @@ class StackedOptimizer(torch.optim.Optimizer):
         elif not isinstance(params, set):  # torch refuses sets with its own message
             params = param_group["params"] = list(params)
         group = len(self.param_groups)
+        seen: dict[int, int] = {}
         for i, entry in enumerate(params):
             label = f"param group {group}, params[{i}]"
             if isinstance(entry, tuple) and len(entry) == 2:
                 label, entry = f"{label} ({entry[0]!r})", entry[1]
             check_real_tensor(label, entry)
+            if id(entry) in seen:
+                raise ValueError(f"{label}: is the same tensor as params[{seen[id(entry)]}]; a tensor may appear once")
+            seen[id(entry)] = i
 
     def layout(self, group_index: int) -> list[Stack]:
         """The stacks of param group ``group_index`` (computed once, then cached)."""
@@ -233,9 +238,15 @@ class StackedOptimizer(torch.optim.Optimizer):
         work = []
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
-            for p in params:
+            for i, p in enumerate(params):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad is not None and p.is_meta:
+                    raise ValueError(
+                        f"param group {group_index}, params[{i}]: is on the meta device, which holds no values to "
+                        "step; materialise the parameters in place first (torch.__future__."
+                        "set_swap_module_params_on_conversion(True), then module.to_empty(device=...))"
+                    )
             has_grad = [p.grad is not None for p in params]
             if not any(has_grad):
                 continue
