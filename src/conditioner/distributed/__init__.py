@@ -2,6 +2,9 @@
 
 - :func:`spread_refresh` makes an optimizer spread its eigenbasis / inverse-root refreshes over
   the ranks (each rank decomposes its share of the factors, one collective per stack refreshed).
+- :func:`shard_state` shards the optimizer state itself: each rank keeps and computes only its
+  share of the blocks, and the ranks exchange the updates in one all-gather per step
+  (:mod:`conditioner.distributed.ownership`).
 - DTensor parameters (FSDP2's ``fully_shard``) are handled by the optimizers themselves: full
   gradients are gathered, the exact update computed, each rank's shard updated
   (:mod:`conditioner.distributed.sharded`).
@@ -9,7 +12,17 @@
   the optimizer state (imported on demand: torch's checkpoint package is slow to import).
 """
 
-from conditioner.distributed.assignment import assign_lpt, decomposition_cost
+from conditioner.distributed.assignment import assign_lpt, block_cost, decomposition_cost
+from conditioner.distributed.ownership import ShardedState, shard_state
 from conditioner.distributed.spread import BlockWork, SpreadRefresh, spread_refresh
 
-__all__ = ["SpreadRefresh", "BlockWork", "assign_lpt", "decomposition_cost", "spread_refresh"]
+__all__ = [
+    "SpreadRefresh",
+    "BlockWork",
+    "ShardedState",
+    "assign_lpt",
+    "block_cost",
+    "decomposition_cost",
+    "shard_state",
+    "spread_refresh",
+]

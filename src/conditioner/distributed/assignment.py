@@ -6,6 +6,7 @@ communication is needed to agree on who decomposes what.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -30,3 +31,10 @@ def decomposition_cost(dim: int) -> float:
     """Estimated cost of one eigendecomposition (or QR step, or inverse root) of a ``dim × dim``
     factor: ``dim³`` flops up to a constant common to all items."""
     return float(dim) ** 3
+
+
+def block_cost(shape: Sequence[int], preconditioned: Sequence[bool]) -> float:
+    """Estimated cost of keeping one block: the decompositions of its factors (``d³`` each) and
+    the work on its elements at every step (projections, moments, the update: ``numel``)."""
+    elements = math.prod(shape)
+    return sum(decomposition_cost(d) for d, p in zip(shape, preconditioned) if p) + float(elements)

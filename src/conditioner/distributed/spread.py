@@ -179,6 +179,8 @@ def spread_refresh(optimizer: torch.optim.Optimizer, process_group: Any = None) 
     Returns the executor, whose ``computed`` counter says how much this rank decomposed."""
     if not hasattr(optimizer, "executor"):
         raise TypeError(f"optimizer must be a conditioner optimizer, got {type(optimizer).__name__}")
+    if optimizer.sharding is not None:
+        raise ValueError("optimizer: its state is sharded (shard_state), where each block's owner refreshes it")
     executor = SpreadRefresh(process_group)
     optimizer.executor = executor
     optimizer.register_step_pre_hook(lambda *_: executor.start_step())

@@ -12,6 +12,13 @@ State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``
 tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
 count of steps taken. ``torch.optim.Optimizer.state_dict`` keeps such keys as they are.
 
+Sharded state (:func:`conditioner.distributed.shard_state`): each rank keeps the state of the
+blocks it owns only. :meth:`layout` then holds only those blocks (under the same stack keys, so
+the state of a stack has one row per owned block), the kernels run on them alone, and the
+``sharding`` object exchanges the updates of every block between the ranks (one collective per
+step) before any is applied; the finiteness checks see every rank's gradients and updates, so
+every rank commits, skips or raises alike.
+
 Storage precision (``state_precision``, :mod:`conditioner.optim.precision`): kernels see the
 state decoded to the statistics dtype and return it in that dtype; it is encoded (bfloat16,
 4-bit bases) at commit, by the role each optimizer declares for its entries in ``state_roles``.
@@ -78,6 +85,19 @@ class StackResult:
 
 
 @dataclass
+class Update:
+    """The update of some blocks of the stack ``key``: ``update`` ``(len(members), *stack.shape)``
+    is subtracted from their parameters times ``scale``."""
+
+    key: str
+    group: dict[str, Any]
+    stack: Stack
+    members: list[int]
+    update: torch.Tensor
+    scale: float
+
+
+@dataclass
 class _Pending:
     key: str
     stack: Stack
@@ -137,11 +157,16 @@ class StackedOptimizer(torch.optim.Optimizer):
     #: computes the per-block decompositions of a refresh; None: all on this process, else a
     #: :class:`conditioner.distributed.SpreadRefresh` that spreads them over ranks
     executor: Any = None
+    #: None: this process keeps the state of every block; else a
+    #: :class:`conditioner.distributed.ShardedState`: the blocks this rank owns, and the exchange
+    #: of the updates
+    sharding: Any = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self.validate(defaults)
         self.nonfinite = defaults["nonfinite"]
         self._layouts: dict[int, list[Stack]] = {}
+        self._full_layouts: dict[int, list[Stack]] = {}
         #: per group, the ``state_precision`` its stored state is encoded in
         self._stored_precisions: list[str] = []
         super().__init__(params, defaults)
@@ -177,7 +202,7 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._layouts = {}
+        self.forget_layouts()
         self.nonfinite = self.defaults["nonfinite"]
         self._stored_precisions = [group.get("state_precision", "full") for group in self.param_groups]
 
@@ -187,7 +212,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         self.validate(param_group)
         self._check_parameters(param_group)
         super().add_param_group(param_group)
-        self._layouts = {}
+        self.forget_layouts()
         self._stored_precisions.append(self.param_groups[-1]["state_precision"])
 
     def _check_parameters(self, param_group: dict[str, Any]) -> None:
@@ -214,12 +239,35 @@ class StackedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{label}: is the same tensor as params[{seen[id(entry)]}]; a tensor may appear once")
             seen[id(entry)] = i
 
-    def layout(self, group_index: int) -> list[Stack]:
-        """The stacks of param group ``group_index`` (computed once, then cached)."""
-        if group_index not in self._layouts:
+    def full_layout(self, group_index: int) -> list[Stack]:
+        """Every stack of param group ``group_index``, with all its blocks (cached)."""
+        if group_index not in self._full_layouts:
             group = self.param_groups[group_index]
-            self._layouts[group_index] = build_stacks([p.shape for p in group["params"]], self.block_policy(group))
+            self._full_layouts[group_index] = build_stacks([p.shape for p in group["params"]], self.block_policy(group))
+        return self._full_layouts[group_index]
+
+    def layout(self, group_index: int) -> list[Stack]:
+        """The stacks whose state this process keeps: :meth:`full_layout`, or under sharding the
+        blocks this rank owns (stacks it owns nothing of left out; cached)."""
+        if group_index not in self._layouts:
+            stacks = self.full_layout(group_index)
+            self._layouts[group_index] = stacks if self.sharding is None else self.sharding.owned(group_index)
         return self._layouts[group_index]
+
+    def forget_layouts(self) -> None:
+        """Drop the cached layouts (the parameters, their groups or the sharding changed)."""
+        self._layouts = {}
+        self._full_layouts = {}
+
+    def stack_rows(self, key: str) -> tuple[int, list[int]]:
+        """For the stack ``key`` this process keeps state of: its number of blocks in all, and the
+        index among them of each row of its state here (all of them unless sharded)."""
+        for group_index in range(len(self.param_groups)):
+            for stack in self.full_layout(group_index):
+                if self.stack_key(group_index, stack) == key:
+                    rows = list(range(len(stack.blocks))) if self.sharding is None else self.sharding.rows(key)
+                    return len(stack.blocks), rows
+        raise ValueError(f"key: these parameters have no block stack {key!r}")
 
     def stack_key(self, group_index: int, stack: Stack) -> str:
         return f"group{group_index}/{stack.key}"
@@ -258,9 +306,14 @@ class StackedOptimizer(torch.optim.Optimizer):
                     work.append((group_index, stack, members, stack.gather(grads, members, dtype)))
         return work
 
-    def _all_finite(self, tensors: list[torch.Tensor], what: str) -> bool:
-        """One host synchronisation: are all ``tensors`` finite? Raise or warn per the policy."""
-        if not tensors or bool(torch.stack(tensors).isfinite().all()):
+    @staticmethod
+    def _finite(tensors: list[torch.Tensor]) -> bool:
+        """One host synchronisation: are all ``tensors`` finite?"""
+        return not tensors or bool(torch.stack(tensors).isfinite().all())
+
+    def _allowed(self, finite: bool, what: str) -> bool:
+        """Go on when ``finite``; otherwise raise or warn, per the policy."""
+        if finite:
             return True
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
@@ -280,9 +333,25 @@ class StackedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = self._gather_gradients()
         # The norm also flags a gradient whose squares overflow and would poison the statistics.
-        if not self._all_finite([torch.linalg.vector_norm(grad) for *_, grad in work], "a gradient"):
+        finite = self._finite([torch.linalg.vector_norm(grad) for *_, grad in work])
+        pending = self._compute(work) if finite else []
+        updates = [
+            Update(item.key, item.group, item.stack, item.members, item.result.update, item.result.scale)
+            for item in pending
+            if item.result.update is not None
+        ]
+        if self.sharding is not None:
+            finite, updates = self.sharding.exchange(updates, finite)
+        if not self._allowed(finite, "a gradient"):
             return loss
-        pending: list[_Pending] = []
+        if not self._allowed(self._finite([u.update.sum() for u in updates]), "an update"):
+            return loss
+        self._commit(pending, updates)
+        return loss
+
+    def _compute(self, work: list[tuple[int, Stack, list[int], torch.Tensor]]) -> list[_Pending]:
+        """Every cohort's new state and update, out of place."""
+        pending = []
         for group_index, stack, members, grad in work:
             group = self.param_groups[group_index]
             key = self.stack_key(group_index, stack)
@@ -292,11 +361,7 @@ class StackedOptimizer(torch.optim.Optimizer):
             working, decoded = decode(old, grad.dtype)
             result = self.stack_step(group, stack, working, grad, step)
             pending.append(_Pending(key, stack, group, members, result, decoded))
-        updates = [item.result.update.sum() for item in pending if item.result.update is not None]
-        if not self._all_finite(updates, "an update"):
-            return loss
-        self._commit(pending)
-        return loss
+        return pending
 
     @staticmethod
     def _select(stored: dict[str, Any], members: list[int], size: int) -> dict[str, torch.Tensor]:
@@ -335,13 +400,12 @@ class StackedOptimizer(torch.optim.Optimizer):
                 entries.update(encode(k, v, stored_form(self.state_role(k), precision, v)))
         return entries, in_place
 
-    def _commit(self, pending: list[_Pending]) -> None:
+    def _commit(self, pending: list[_Pending], updates: list[Update]) -> None:
         """Write the new state, fold the gradients into the factors, apply the updates and decay."""
         moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         decayed: dict[int, tuple[torch.Tensor, float]] = {}
         buffers = UpdateBuffers()
         for item in pending:
-            result = item.result
             entries, folds = self._encode(item)
             stored = self.state.setdefault(item.key, {})
             size = len(item.stack.blocks)
@@ -359,20 +423,19 @@ class StackedOptimizer(torch.optim.Optimizer):
                         full = v.new_zeros((size,) + tuple(v.shape[1:]))
                     stored[k] = full.index_copy(0, index.to(v.device), v)
             stored["step"] = [s + 1 if m in item.members else s for m, s in enumerate(steps)]
-            if result.update is None:
-                continue
-            params = item.group["params"]
-            tensors = buffers.targets(params, [item.stack.blocks[m] for m in item.members])
-            views = item.stack.views(tensors, item.members)
-            targets, updates = moves.setdefault(-result.scale, ([], []))
+        for change in updates:
+            params = change.group["params"]
+            tensors = buffers.targets(params, [change.stack.blocks[m] for m in change.members])
+            views = change.stack.views(tensors, change.members)
+            targets, deltas = moves.setdefault(-change.scale, ([], []))
             targets.extend(views)
-            updates.extend(u.to(v.dtype) for u, v in zip(result.update.unbind(0), views))
-            factor = 1.0 - learning_rate(item.group) * item.group["weight_decay"]
-            for m in item.members:
-                p = params[item.stack.blocks[m].param_index]
+            deltas.extend(u.to(v.dtype) for u, v in zip(change.update.unbind(0), views))
+            factor = 1.0 - learning_rate(change.group) * change.group["weight_decay"]
+            for m in change.members:
+                p = params[change.stack.blocks[m].param_index]
                 decayed[id(p)] = (p, factor)
-        for alpha, (targets, updates) in moves.items():
-            torch._foreach_add_(targets, updates, alpha=alpha)
+        for alpha, (targets, deltas) in moves.items():
+            torch._foreach_add_(targets, deltas, alpha=alpha)
         buffers.apply()
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
@@ -394,7 +457,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         precisions = [group["state_precision"] for group in self.param_groups]
         saved = [group.get("state_precision", "full") for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        self._layouts = {}
+        self.forget_layouts()
         self._stored_precisions = saved
         for group, precision in zip(self.param_groups, precisions):
             for name in self.checks.keys() & self.defaults.keys():

@@ -234,9 +234,10 @@ class Shampoo(StackedOptimizer):
         result.update = direction
         return result
 
-    def _commit(self, pending: list[Any]) -> None:
-        """Commit the step, then log its Newton-to-eigh fallbacks in one warning."""
-        super()._commit(pending)
+    def _commit(self, pending: list[Any], updates: list[Any]) -> None:
+        """Commit the step, then log its Newton-to-eigh fallbacks in one warning (under sharded
+        state: those of the blocks this rank owns)."""
+        super()._commit(pending, updates)
         fallbacks = sum(item.result.fallbacks for item in pending)
         if fallbacks:
             logger.warning(

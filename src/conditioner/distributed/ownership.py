@@ -1,0 +1,221 @@
+"""Sharded optimizer state: each rank owns a share of the blocks, keeps their state only, computes
+only their updates, and the ranks exchange the updates with one all-gather per step.
+
+Ownership: every block of every stack of every param group is one item of cost
+:func:`~conditioner.distributed.assignment.block_cost` (``Σ d³`` over its factors plus its
+elements), assigned by :func:`~conditioner.distributed.assignment.assign_lpt` over all groups at
+once. Every rank computes the same assignment from the same shapes, so agreeing on it needs no
+communication; a rank may own nothing (more ranks than blocks), and a block costlier than a
+rank's fair share simply makes its owner the most loaded rank.
+
+The optimizer then sees only its owned blocks (:meth:`StackedOptimizer.layout`), so its state,
+its kernels, the first decomposition of SOAP and every refresh run on the owned blocks alone.
+After the kernels, :meth:`ShardedState.exchange` packs this rank's updates into ONE flat buffer
+(one dtype: the widest statistics dtype of the groups, float32 unless a group computes in
+float64; a float32 update travels exactly in float64) and all-gathers the buffers. Each rank's
+buffer holds a flag saying whether its gradients were finite, then per owned block with a
+gradient whether it has an update and its step scale, then the updates themselves. Every rank
+then applies every block's update with the same arithmetic as one process, so the parameters
+stay replicated (DDP) or each rank updates its own shard (FSDP2).
+
+Gradients. Under DDP they are averaged already and a rank reads only its owned blocks. Under
+FSDP2 the optimizer still all-gathers every full gradient (one collective per parameter, as
+without sharding) and reads its owned blocks from them: a block is a tile that may straddle the
+dim-0 shards of several ranks, and gathering exactly the owned tiles would need an all-to-all
+of its own. The update exchange then replaces the full update every rank computed before.
+
+Failures. A rank that raises in its kernels, dies, or stops calling ``step()`` leaves the others
+waiting in the all-gather; ``timeout`` (or else the process group's own timeout, 30 minutes by
+default for gloo, 10 for NCCL) bounds the wait, after which a RuntimeError names the step and the
+rank. Nothing has been applied by then: the exchange comes before any state or parameter changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conditioner.blocks import Stack
+from conditioner.distributed.assignment import assign_lpt, block_cost
+from conditioner.distributed.spread import _all_gather_single
+
+#: (key of the full stack, index of the block in it, the stack, its group): one block's place
+Slot = tuple[str, int, Stack, dict[str, Any]]
+
+
+class ShardedState:
+    """Block ownership and the update exchange for one optimizer on the ranks of a process group.
+
+    ``updated`` counts the blocks whose update this rank computed, ``exchanges`` the collectives
+    it issued (one per step) and ``received_bytes`` what they brought in (the padded buffers of
+    all ranks, its own included).
+    """
+
+    def __init__(self, optimizer: Any, process_group: Any = None, timeout: timedelta | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("shard_state needs torch.distributed: call torch.distributed.init_process_group first")
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout <= timedelta(0)):
+            raise ValueError(f"timeout: must be None or a positive datetime.timedelta, got {timeout!r}")
+        self.optimizer = optimizer
+        self.process_group = process_group
+        self.timeout = timeout
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.updated = 0
+        self.exchanges = 0
+        self.received_bytes = 0
+        self._owners: dict[str, list[int]] = {}
+        self._signature: tuple = ()
+
+    def owners(self) -> dict[str, list[int]]:
+        """The rank owning each block, per stack key (in block order); recomputed when the
+        optimizer's blocks change."""
+        optimizer = self.optimizer
+        stacks = [
+            (optimizer.stack_key(g, s), s) for g in range(len(optimizer.param_groups)) for s in optimizer.full_layout(g)
+        ]
+        signature = tuple((key, len(s.blocks)) for key, s in stacks)
+        if signature != self._signature:
+            costs = [block_cost(s.shape, s.preconditioned) for _, s in stacks for _ in s.blocks]
+            flat = assign_lpt(costs, [0.0] * self.world_size)
+            self._owners, start = {}, 0
+            for key, s in stacks:
+                self._owners[key] = flat[start : start + len(s.blocks)]
+                start += len(s.blocks)
+            self._signature = signature
+        return self._owners
+
+    def rows(self, key: str) -> list[int]:
+        """The indices, in the full stack ``key``, of the blocks this rank owns."""
+        return [m for m, r in enumerate(self.owners()[key]) if r == self.rank]
+
+    def owned(self, group_index: int) -> list[Stack]:
+        """The stacks of param group ``group_index`` restricted to the blocks this rank owns."""
+        stacks = []
+        for s in self.optimizer.full_layout(group_index):
+            rows = self.rows(self.optimizer.stack_key(group_index, s))
+            if rows:
+                stacks.append(Stack(s.key, s.shape, s.preconditioned, [s.blocks[m] for m in rows]))
+        return stacks
+
+    def _slots(self) -> tuple[list[list[Slot]], torch.dtype, torch.device]:
+        """Per rank, the blocks with a gradient it owns, in the order of its buffer; the buffer's
+        dtype and device."""
+        from conditioner.optim.base import statistics_dtype
+
+        optimizer, owners = self.optimizer, self.owners()
+        slots: list[list[Slot]] = [[] for _ in range(self.world_size)]
+        dtype, device = torch.float32, None
+        for g, group in enumerate(optimizer.param_groups):
+            params = group["params"]
+            has_grad = [p.grad is not None for p in params]
+            if not any(has_grad):
+                continue
+            dtype = torch.promote_types(dtype, statistics_dtype(params, group.get("state_dtype")))
+            device = device or params[0].device
+            for s in optimizer.full_layout(g):
+                key = optimizer.stack_key(g, s)
+                for m, (block, rank) in enumerate(zip(s.blocks, owners[key])):
+                    if has_grad[block.param_index]:
+                        slots[rank].append((key, m, s, group))
+        return slots, dtype, device or torch.device("cpu")
+
+    @staticmethod
+    def _length(slots: Sequence[Slot]) -> int:
+        return 1 + 2 * len(slots) + sum(math.prod(s.shape) for _, _, s, _ in slots)
+
+    def exchange(self, updates: list[Any], finite: bool) -> tuple[bool, list[Any]]:
+        """All-gather this rank's ``updates`` (of its owned stacks) and whether its gradients were
+        ``finite``; returns whether every rank's were, and every block's update (full stacks)."""
+        slots, dtype, device = self._slots()
+        longest = max(self._length(mine) for mine in slots)
+        send = torch.zeros(longest, dtype=dtype, device=device)
+        send[0] = float(finite)
+        mine = slots[self.rank]
+        place = {(key, m): i for i, (key, m, _, _) in enumerate(mine)}
+        starts = [1 + 2 * len(mine)]
+        for _, _, s, _ in mine:
+            starts.append(starts[-1] + math.prod(s.shape))
+        for update in updates:
+            rows = self.rows(update.key)
+            indices = [place[update.key, rows[j]] for j in update.members]
+            send[[1 + i for i in indices]] = 1.0
+            send[[1 + len(mine) + i for i in indices]] = update.scale
+            if indices[-1] - indices[0] == len(indices) - 1:
+                send[starts[indices[0]] : starts[indices[-1] + 1]] = update.update.reshape(-1)
+            else:
+                for row, i in enumerate(indices):
+                    send[starts[i] : starts[i + 1]] = update.update[row].reshape(-1)
+            self.updated += len(indices)
+        received = send.new_empty(longest * self.world_size)
+        self._all_gather(received, send)
+        received = received.view(self.world_size, longest)
+        header = received[:, : 1 + 2 * max(len(s) for s in slots)].tolist()
+        everyone_finite = all(row[0] == 1.0 for row in header)
+        return everyone_finite, [u for r in range(self.world_size) for u in self._runs(slots[r], header[r], received[r])]
+
+    @staticmethod
+    def _runs(slots: list[Slot], header: list[float], buffer: torch.Tensor) -> list[Any]:
+        """One rank's updates, as :class:`~conditioner.optim.base.Update` views of its ``buffer``,
+        one per run of consecutive blocks of a stack that have an update with the same scale."""
+        from conditioner.optim.base import Update
+
+        runs: list[list[Any]] = []  # [key, group, stack, members, start, end, scale]
+        offset = 1 + 2 * len(slots)
+        for i, (key, m, s, group) in enumerate(slots):
+            size = math.prod(s.shape)
+            scale = header[1 + len(slots) + i]
+            if header[1 + i] == 1.0:
+                last = runs[-1] if runs else None
+                if last is not None and last[0] == key and last[5] == offset and last[6] == scale:
+                    last[3].append(m)
+                    last[5] = offset + size
+                else:
+                    runs.append([key, group, s, [m], offset, offset + size, scale])
+            offset += size
+        return [
+            Update(key, group, s, members, buffer[start:end].view(len(members), *s.shape), scale)
+            for key, group, s, members, start, end, scale in runs
+        ]
+
+    def _all_gather(self, received: torch.Tensor, send: torch.Tensor) -> None:
+        step = self.exchanges + 1
+        try:
+            work = _all_gather_single(received, send, group=self.process_group, async_op=True)
+            if self.timeout is None:
+                work.wait()
+            else:
+                work.wait(self.timeout)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"shard_state: the update exchange of step {step} failed on rank {self.rank} of {self.world_size} "
+                "(another rank died, raised, or did not call step(); the timeout is the process group's unless "
+                f"shard_state was given one): {error}"
+            ) from error
+        self.exchanges = step
+        self.received_bytes += received.numel() * received.element_size()
+
+
+def shard_state(optimizer: Any, process_group: Any = None, timeout: timedelta | None = None) -> ShardedState:
+    """Make ``optimizer`` (SOAP, EigenvalueCorrectedShampoo, Shampoo or Muon) keep and compute only
+    the blocks this rank owns and exchange the updates with the other ranks of ``process_group``
+    (default: the world) in one all-gather per step. Call it right after building the optimizer,
+    before its first step, on every rank; every rank must then call ``step()`` in lockstep with
+    the same gradients (DDP, or FSDP2). ``timeout`` bounds each exchange (default: the process
+    group's timeout). Not combined with :func:`spread_refresh`: the owner of a block refreshes it.
+    Returns the :class:`ShardedState`."""
+    if not hasattr(optimizer, "sharding"):
+        raise TypeError(f"optimizer: must be a conditioner optimizer, got {type(optimizer).__name__}")
+    if optimizer.executor is not None:
+        raise ValueError("optimizer: already spreads its refreshes (spread_refresh); shard_state replaces that")
+    if optimizer.state:
+        raise ValueError("optimizer: has state already; call shard_state before its first step (or load a checkpoint after)")
+    sharding = ShardedState(optimizer, process_group, timeout)
+    optimizer.sharding = sharding
+    optimizer.forget_layouts()
+    return sharding
