@@ -7,13 +7,14 @@ module and ``conditioner`` are found the same way as in the test process).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from conditioner import SOAP, EigenvalueCorrectedShampoo, Shampoo
+from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo
 
 STEPS = 8
 ROWS = 12  # divisible by 1, 2 and 3 ranks
@@ -40,6 +41,10 @@ OPTIMIZERS = {
         p, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, max_preconditioner_dim=8, merge_dims=False
     ),
 }
+#: with the optimizers that refresh, Muon (no refresh: sharded state only)
+SHARDED = {**OPTIMIZERS, "Muon": lambda p: Muon(p, lr=1e-2, weight_decay=0.1)}
+#: the timeout of the exchange in the "stall" job, and how long the stalled ranks wait
+STALL_TIMEOUT_S = 1.0
 
 
 class Toy(nn.Module):
@@ -95,19 +100,21 @@ def full_parameters(model: nn.Module) -> list[torch.Tensor]:
 def reference(name: str, tiny: bool = False, steps: int = STEPS) -> list[torch.Tensor]:
     """The single-process run on the full batch."""
     model = make_model(tiny)
-    train(model, OPTIMIZERS[name](model.parameters()), range(steps))
+    train(model, SHARDED[name](model.parameters()), range(steps))
     return full_parameters(model)
 
 
-def _setup(mode: str, name: str, world: int, tiny: bool = False):
+def _setup(mode: str, name: str, world: int, tiny: bool = False, **options):
+    """``mode``: ``"ddp"`` or ``"fsdp"``, with ``"-sharded"``: under :func:`shard_state` (else
+    :func:`spread_refresh`); ``options`` go to ``shard_state``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from conditioner.distributed import spread_refresh
+    from conditioner.distributed import shard_state, spread_refresh
 
     model = make_model(tiny)
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.children():
             fully_shard(layer, mesh=mesh)
@@ -115,8 +122,42 @@ def _setup(mode: str, name: str, world: int, tiny: bool = False):
         trained = model
     else:
         trained = DistributedDataParallel(model)
-    optimizer = OPTIMIZERS[name](model.parameters())
-    return model, trained, optimizer, spread_refresh(optimizer)
+    optimizer = SHARDED[name](model.parameters())
+    helper = shard_state(optimizer, **options) if mode.endswith("-sharded") else spread_refresh(optimizer)
+    return model, trained, optimizer, helper
+
+
+def _outcome(model: nn.Module, optimizer: torch.optim.Optimizer, helper, saved_world=None) -> dict:
+    sharded = hasattr(helper, "updated")
+    return {
+        "params": full_parameters(model),
+        "computed": helper.updated if sharded else helper.computed,
+        "exchanges": helper.exchanges,
+        "refreshes": optimizer.total_refreshes() if hasattr(optimizer, "total_refreshes") else 0,
+        "saved_world": saved_world,
+        "state_bytes": optimizer.state_bytes(),
+        "blocks": sum(len(s.blocks) for g in range(len(optimizer.param_groups)) for s in optimizer.layout(g)),
+    }
+
+
+def _stall(mode: str, name: str, rank: int, world: int) -> dict:
+    """Every rank takes a step; then rank 0 calls ``optimizer.step()`` again alone (DDP mode): its
+    exchange must fail within the timeout with a clear error, while the others wait past it."""
+    from datetime import timedelta
+
+    model, trained, optimizer, _ = _setup(mode, name, world, timeout=timedelta(seconds=STALL_TIMEOUT_S))
+    train(trained, optimizer, range(1), rank, world)
+    if rank != 0:
+        time.sleep(3 * STALL_TIMEOUT_S)
+        return {}
+    for p in model.parameters():  # no backward: DDP's all-reduce would wait for the others first
+        p.grad = torch.ones_like(p)
+    start = time.perf_counter()
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        return {"error": str(error), "waited_s": time.perf_counter() - start}
+    return {"error": None}
 
 
 def _run(job: tuple, rank: int, world: int) -> dict:
@@ -124,6 +165,8 @@ def _run(job: tuple, rank: int, world: int) -> dict:
 
     kind, mode, name = job[:3]
     saved_world = None
+    if kind == "stall":
+        return _stall(mode, name, rank, world)
     if kind == "train":
         tiny, directory = job[3], job[4]
         model, trained, optimizer, executor = _setup(mode, name, world, tiny)
@@ -135,13 +178,7 @@ def _run(job: tuple, rank: int, world: int) -> dict:
         model, trained, optimizer, executor = _setup(mode, name, world)
         saved_world = checkpoint.load(job[3], optimizer, model)
         train(trained, optimizer, range(STEPS // 2, STEPS), rank, world)
-    return {
-        "params": full_parameters(model),
-        "computed": executor.computed,
-        "exchanges": executor.exchanges,
-        "refreshes": optimizer.total_refreshes(),
-        "saved_world": saved_world,
-    }
+    return _outcome(model, optimizer, executor, saved_world)
 
 
 def worker(rank: int, world: int, tmp: str, phases: list[list[tuple]]) -> None:
@@ -149,8 +186,9 @@ def worker(rank: int, world: int, tmp: str, phases: list[list[tuple]]) -> None:
     ``tmp/rank{rank}.pt``.
 
     A job is ``("train", mode, name, tiny, checkpoint_dir or None)``: train STEPS steps, saving a
-    checkpoint after STEPS // 2; or ``("resume", mode, name, checkpoint_dir)``: build a new model
-    and optimizer, load the checkpoint and train the remaining steps.
+    checkpoint after STEPS // 2; ``("resume", mode, name, checkpoint_dir)``: build a new model
+    and optimizer, load the checkpoint and train the remaining steps; or ``("stall", mode, name)``
+    (see :func:`_stall`; run it in a phase of its own, last).
     """
     torch.set_num_threads(1)
     results = {}

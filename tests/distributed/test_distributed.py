@@ -1,11 +1,14 @@
 """The optimizers on torch.distributed, on CPU with gloo: DDP and FSDP2 against one process, the
-split of the refresh work, a rank with nothing to refresh, and checkpoints that resume exactly.
+split of the refresh work, a rank with nothing to refresh, and checkpoints that resume exactly;
+the same for sharded state (``shard_state``), with checkpoints resumed on 2 → 3 and 3 → 1 ranks,
+a rank that owns no block, and an exchange that times out.
 
 Two spawns of fresh processes serve all multi-process tests (starting processes that import
 torch is most of their time): 2 ranks train every case and save a checkpoint half-way, then in a
 new process group resume from those checkpoints with new models and optimizers; 3 ranks train
 SOAP, eigenvalue-corrected Shampoo and Shampoo under both modes and the one-block model, and resume
-the 2-rank checkpoints.
+the 2-rank checkpoints. The sharded runs (every optimizer, Muon included, under both modes) ride
+on the same spawns: the fixtures return the unsharded jobs, and ``_sharded_jobs`` names the others.
 
 Tolerance against one process: the ranks' gradients are averaged by an all-reduce, summed in
 another order than one process sums its batch, so they differ in the last bits of float32; after
@@ -30,22 +33,47 @@ import pytest
 import torch
 import torch.distributed as dist
 from cases import shared_input_model, train_shared_input
-from distributed_cases import OPTIMIZERS, STEPS, make_model, reference, spawn, train
+from distributed_cases import OPTIMIZERS, SHARDED, STALL_TIMEOUT_S, STEPS, make_model, reference, spawn, train
 
 from conditioner import SOAP, Shampoo
-from conditioner.distributed import SpreadRefresh, assign_lpt, decomposition_cost, spread_refresh
+from conditioner.distributed import (
+    ShardedState,
+    SpreadRefresh,
+    assign_lpt,
+    block_cost,
+    decomposition_cost,
+    shard_state,
+    spread_refresh,
+)
+from conditioner.optim.base import NonFiniteGradientError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODES = ("ddp", "fsdp")
 COUNTED = ("SOAP", "ECS", "Shampoo")  # every factor refreshed at each refresh: counts add up exactly
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+SHARDED_MODES = tuple(f"{mode}-sharded" for mode in MODES)
 
 
 def _train_jobs(root, world):
     return [
         ("train", mode, name, False, str(root / f"w{world}-{mode}-{name}")) for mode in MODES for name in OPTIMIZERS
     ]
+
+
+def _sharded_jobs(root, world):
+    """Sharded state: every optimizer under both modes, saving checkpoints half-way; on 3 ranks also
+    the one-block model (two ranks own nothing), the 2-rank sharded checkpoints resumed (2 → 3) and
+    unsharded 2-rank checkpoints resumed sharded."""
+    trained = [
+        ("train", mode, name, False, str(root / f"w{world}-{mode}-{name}")) for mode in SHARDED_MODES for name in SHARDED
+    ]
+    if world == 2:
+        return trained
+    tiny = [("train", mode, "Shampoo", True, None) for mode in SHARDED_MODES]
+    resumed = [("resume", job[1], job[2], job[4]) for job in _sharded_jobs(root, 2)]
+    unsharded = [("resume", "ddp-sharded", name, str(root / f"w2-ddp-{name}")) for name in COUNTED]
+    return trained + tiny + resumed + unsharded
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +87,18 @@ def two_ranks(tmp_path_factory, checkpoints):
     models and optimizers resume from those checkpoints."""
     trained = _train_jobs(checkpoints, 2)
     resumed = [("resume", job[1], job[2], job[4]) for job in trained]
-    return trained, resumed, spawn(2, tmp_path_factory.mktemp("two"), [trained, resumed])
+    sharded = _sharded_jobs(checkpoints, 2)
+    resumed_sharded = [("resume", job[1], job[2], job[4]) for job in sharded]
+    phases = [trained + sharded, resumed + resumed_sharded, [("stall", "ddp-sharded", "SOAP")]]
+    return trained, resumed, spawn(2, tmp_path_factory.mktemp("two"), phases)
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory, two_ranks):
+def three_ranks(tmp_path_factory, checkpoints, two_ranks):
     jobs = [("train", mode, name, False, None) for mode in MODES for name in COUNTED]
     jobs += [("train", mode, "Shampoo", True, None) for mode in MODES]
     jobs += [("resume", job[1], job[2], job[4]) for job in two_ranks[0] if job[2] in COUNTED]
-    return jobs, spawn(3, tmp_path_factory.mktemp("three"), [jobs])
+    return jobs, spawn(3, tmp_path_factory.mktemp("three"), [jobs + _sharded_jobs(checkpoints, 3)])
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +185,75 @@ def test_checkpoint_from_two_ranks_resumes_on_three(three_ranks, references):
             _assert_params(rank_results[job]["params"], references(job[2]), **TOLERANCE)
 
 
+def _results(world, two_ranks, three_ranks):
+    return two_ranks[2] if world == 2 else three_ranks[1]
+
+
+def _blocks_and_state(name, tiny=False):
+    """Blocks and state bytes of the single-process run, with its steps that update parameters."""
+    model = make_model(tiny)
+    optimizer = SHARDED[name](model.parameters())
+    train(model, optimizer, range(STEPS))
+    blocks = sum(len(s.blocks) for s in optimizer.layout(0))
+    return blocks, optimizer.state_bytes()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_state_matches_one_process(world, two_ranks, three_ranks, checkpoints, references):
+    results = _results(world, two_ranks, three_ranks)
+    trained = [job for job in _sharded_jobs(checkpoints, world) if job[0] == "train" and not job[3]]
+    assert {(job[1], job[2]) for job in trained} == {(m, n) for m in SHARDED_MODES for n in SHARDED}
+    for job in trained:
+        for rank_results in results:
+            _assert_params(rank_results[job]["params"], references(job[2]), **TOLERANCE)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_keeps_and_computes_only_its_blocks(world, two_ranks, three_ranks, checkpoints):
+    """The blocks split without overlap, state bytes add up to the single-process state, each rank
+    computed the updates of its blocks only (SOAP's first step has none), one exchange per step."""
+    results = _results(world, two_ranks, three_ranks)
+    for job in [j for j in _sharded_jobs(checkpoints, world) if j[0] == "train"]:
+        blocks, state_bytes = _blocks_and_state(job[2], job[3])
+        owned = [r[job]["blocks"] for r in results]
+        assert sum(owned) == blocks and max(owned) < blocks or blocks == 1, (job, owned)
+        assert sum(r[job]["state_bytes"] for r in results) == state_bytes, job
+        updating_steps = STEPS - 1 if job[2] == "SOAP" else STEPS
+        computed = [r[job]["computed"] for r in results]
+        assert computed == [n * updating_steps for n in owned], (job, computed)
+        assert all(r[job]["exchanges"] == STEPS for r in results), job
+
+
+def test_a_rank_that_owns_no_block_works(three_ranks, checkpoints, references):
+    """One block on three ranks: it is more than a fair share, its owner does all the work, the
+    two others own nothing, and all end with the single-process parameters."""
+    results = three_ranks[1]
+    for job in [j for j in _sharded_jobs(checkpoints, 3) if j[0] == "train" and j[3]]:
+        assert [r[job]["blocks"] for r in results] == [1, 0, 0], job
+        assert [r[job]["state_bytes"] == 0 for r in results] == [False, True, True], job
+        for rank_results in results:
+            _assert_params(rank_results[job]["params"], references("Shampoo", tiny=True), **TOLERANCE)
+
+
+def test_sharded_checkpoints_resume_on_two_and_three_ranks(two_ranks, three_ranks, checkpoints, references):
+    """Saved sharded on 2 ranks: resumed on 2 (a fresh process group) and on 3; saved unsharded on
+    2 ranks: resumed sharded on 3. Every run ends with the single-process parameters."""
+    resumed = [("resume", job[1], job[2], job[4]) for job in _sharded_jobs(checkpoints, 2)]
+    three = [job for job in _sharded_jobs(checkpoints, 3) if job[0] == "resume"]
+    assert len(three) == len(resumed) + len(COUNTED)
+    for job, results in [(job, two_ranks[2]) for job in resumed] + [(job, three_ranks[1]) for job in three]:
+        for rank_results in results:
+            assert rank_results[job]["saved_world"] == 2
+            _assert_params(rank_results[job]["params"], references(job[2]), **TOLERANCE)
+
+
+def test_an_exchange_a_rank_never_joins_fails_within_the_timeout(two_ranks):
+    stalled = two_ranks[2][0][("stall", "ddp-sharded", "SOAP")]
+    assert stalled["error"] is not None
+    assert "update exchange of step 2 failed on rank 0 of 2" in stalled["error"]
+    assert STALL_TIMEOUT_S * 0.5 <= stalled["waited_s"] < STALL_TIMEOUT_S * 3
+
+
 # --- in this process -------------------------------------------------------------------------
 
 
@@ -238,3 +338,126 @@ def test_checkpoint_round_trip_in_one_process(tmp_path):
     dcp.save({"weights": torch.zeros(3)}, checkpoint_id=tmp_path / "not-ours")
     with pytest.raises(ValueError, match="checkpoint_id .* no optimizer state"):
         checkpoint.load(tmp_path / "not-ours", optimizer)
+
+
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_state_on_one_rank_matches_one_process(name, world_of_one):
+    model = make_model()
+    optimizer = SHARDED[name](model.parameters())
+    sharding = shard_state(optimizer)
+    train(model, optimizer, range(STEPS))
+    assert sharding.exchanges == STEPS and sharding.updated > 0
+    _assert_params([p.detach() for p in model.parameters()], reference(name), **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_checkpoint_from_three_ranks_resumes_on_one(name, world_of_one, three_ranks, checkpoints, references):
+    """The 3-rank sharded checkpoints, resumed on one rank sharded and in one process unsharded."""
+    from conditioner.distributed import checkpoint
+
+    for sharded in (True, False):
+        for mode in SHARDED_MODES:
+            model = make_model()
+            optimizer = SHARDED[name](model.parameters())
+            if sharded:
+                shard_state(optimizer)
+            assert checkpoint.load(checkpoints / f"w3-{mode}-{name}", optimizer, model) == 3
+            train(model, optimizer, range(STEPS // 2, STEPS))
+            _assert_params([p.detach() for p in model.parameters()], references(name), **TOLERANCE)
+
+
+def test_a_sharded_checkpoint_holds_whole_stacks(tmp_path, world_of_one):
+    """A stack is one whole entry in the checkpoint, its step counts one int64 entry, sharded or
+    not (with several ranks each writes its rows of them: the spawned checkpoint tests)."""
+    import torch.distributed.checkpoint as dcp
+
+    from conditioner.distributed import checkpoint
+
+    entries = {}
+    for sharded in (True, False):
+        model = make_model()
+        optimizer = OPTIMIZERS["SOAP"](model.parameters())
+        if sharded:
+            shard_state(optimizer)
+        train(model, optimizer, range(3))
+        checkpoint.save(tmp_path / str(sharded), optimizer)
+        metadata = dcp.FileSystemReader(tmp_path / str(sharded)).read_metadata().state_dict_metadata
+        entries[sharded] = {k: (tuple(v.size), v.properties.dtype) for k, v in metadata.items() if k != checkpoint.META}
+    assert entries[True] == entries[False]
+    assert entries[True]["optimizer/state/group0/8x8:PP/step"] == ((6,), torch.int64)
+
+
+def test_rows_describe_their_chunks_and_refuse_to_compute():
+    from conditioner.distributed.checkpoint import Rows
+
+    local = torch.arange(12.0).view(4, 3)
+    rows = Rows(local, [0, 2, 3, 7], 9)
+    assert rows.shape == (9, 3) and rows.dtype == local.dtype
+    assert [(tuple(o), c.data_ptr()) for o, c in rows.chunks] == [
+        ((0, 0), local[0:1].data_ptr()),
+        ((2, 0), local[1:3].data_ptr()),
+        ((7, 0), local[3:4].data_ptr()),
+    ]
+    with pytest.raises(RuntimeError, match="only describes"):
+        rows + 1
+
+
+def test_blocks_go_to_ranks_by_cost_over_all_stacks(world_of_one):
+    """Ownership is LPT on block_cost over the blocks of every stack; with one rank it owns all."""
+    model = make_model()
+    optimizer = OPTIMIZERS["SOAP"](model.parameters())
+    sharding = shard_state(optimizer)
+    owners = sharding.owners()
+    assert owners.keys() == {optimizer.stack_key(0, s) for s in optimizer.full_layout(0)}
+    assert all(set(ranks) == {0} for ranks in owners.values())
+    assert block_cost((8, 8), (True, True)) == 2 * 8**3 + 64 and block_cost((16,), (False,)) == 16
+    assert optimizer.stack_rows("group0/8x8:PP") == (6, list(range(6)))
+    with pytest.raises(ValueError, match="no block stack"):
+        optimizer.stack_rows("group0/3x3:PP")
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nonfinite_gradient_under_sharding_changes_nothing(policy, world_of_one):
+    model = make_model()
+    optimizer = SOAP(model.parameters(), precondition_frequency=2, max_precond_dim=8, nonfinite=policy)
+    shard_state(optimizer)
+    train(model, optimizer, range(3))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(optimizer.state_dict())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.d.weight.grad[0, 0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(NonFiniteGradientError, match="a gradient"):
+            optimizer.step()
+    else:
+        optimizer.step()
+    _assert_params([p.detach() for p in model.parameters()], params, rtol=0, atol=0)
+    _assert_same_state(optimizer.state_dict(), state)
+
+
+def test_shard_state_checks_its_arguments(world_of_one):
+    from datetime import timedelta
+
+    with pytest.raises(TypeError, match="optimizer: must be a conditioner optimizer"):
+        shard_state(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    model = make_model()
+    spread = SOAP(model.parameters())
+    spread_refresh(spread)
+    with pytest.raises(ValueError, match="spread_refresh"):
+        shard_state(spread)
+    sharded = SOAP(model.parameters())
+    shard_state(sharded)
+    with pytest.raises(ValueError, match="shard_state"):
+        spread_refresh(sharded)
+    stepped = SOAP(model.parameters())
+    train(model, stepped, range(1))
+    with pytest.raises(ValueError, match="before its first step"):
+        shard_state(stepped)
+    with pytest.raises(ValueError, match="timeout: must be None or a positive"):
+        shard_state(SOAP(model.parameters()), timeout=5)
+
+
+def test_shard_state_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedState(SOAP(make_model().parameters()))
