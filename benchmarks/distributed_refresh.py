@@ -9,12 +9,16 @@ reported, with the CPU time each rank spent in the step (``time.process_time``, 
 processes on a busy machine do not inflate). Each process uses ``--threads`` intra-op threads
 (1: the ranks do not compete for cores).
 
-State bytes: measured per rank (the state is replicated); "sharded" is the projection for
-ZeRO-1-style sharding by the same LPT assignment of blocks (each rank keeping only the state of
-the blocks it owns), which conditioner does not implement.
+With ``--shard`` the optimizer runs under ``shard_state`` on 2 or more ranks instead of
+``spread_refresh``: each rank keeps and computes only its blocks and the updates are all-gathered
+once per step (1 rank runs the plain optimizer either way, the baseline).
+
+State bytes: measured on every rank; "projected" is what each rank would keep if it held only
+the state of the blocks the LPT assignment of the decomposition cost gives it (what
+``--shard`` measures for real, with its own cost, :func:`conditioner.distributed.block_cost`).
 
 Usage: python benchmarks/distributed_refresh.py [--ranks 1 2] [--layers 8] [--width 512]
-                                                [--block 256] [--repeats 5] [--json FILE]
+                                                [--block 256] [--repeats 5] [--shard] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conditioner import EigenvalueCorrectedShampoo
-from conditioner.distributed import assign_lpt, decomposition_cost, spread_refresh
+from conditioner.distributed import assign_lpt, decomposition_cost, shard_state, spread_refresh
 
 
 def _model(args: argparse.Namespace) -> nn.Module:
@@ -58,7 +62,9 @@ def _worker(rank: int, world: int, store: str, out: str, args: argparse.Namespac
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = _model(args)
     optimizer = EigenvalueCorrectedShampoo(model.parameters(), precondition_frequency=2, max_precond_dim=args.block)
-    executor = spread_refresh(optimizer) if world > 1 else None
+    executor = None
+    if world > 1:
+        executor = shard_state(optimizer) if args.shard else spread_refresh(optimizer)
     g = torch.Generator().manual_seed(1)
     grads = [[torch.randn(p.shape, generator=g) for p in model.parameters()] for _ in range(4)]
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -77,6 +83,9 @@ def _worker(rank: int, world: int, store: str, out: str, args: argparse.Namespac
             cpu[refresh].append(busy)
     cpu_per_rank: list[dict] = [{}] * world
     dist.all_gather_object(cpu_per_rank, {k: statistics.median(v) for k, v in cpu.items()})
+    state_per_rank: list[int] = [0] * world
+    dist.all_gather_object(state_per_rank, optimizer.state_bytes())
+    sharded = args.shard and world > 1
     result = {
         "ranks": world,
         "threads": args.threads,
@@ -84,12 +93,15 @@ def _worker(rank: int, world: int, store: str, out: str, args: argparse.Namespac
         "ordinary_step_s": statistics.median(times[False]),
         "refresh_step_cpu_s_per_rank": [c[True] for c in cpu_per_rank],
         "ordinary_step_cpu_s_per_rank": [c[False] for c in cpu_per_rank],
-        "blocks": sum(len(s.blocks) for s in optimizer.layout(0)),
+        "mode": "shard_state" if sharded else "spread_refresh" if executor else "one process",
+        "blocks": sum(len(s.blocks) for s in optimizer.full_layout(0)),
+        "blocks_here": sum(len(s.blocks) for s in optimizer.layout(0)),
         "factor_refreshes": optimizer.total_refreshes(),
-        "computed_here": executor.computed if executor else optimizer.total_refreshes(),
+        "computed_here": executor.computed if executor and not sharded else optimizer.total_refreshes(),
         "exchanges": executor.exchanges if executor else 0,
-        "state_bytes_per_rank": optimizer.state_bytes(),
-        "sharded_state_bytes_per_rank": _sharded_bytes(optimizer, world),
+        "received_bytes_per_step": executor.received_bytes / executor.exchanges if sharded else 0,
+        "state_bytes_per_rank": state_per_rank,
+        "projected_sharded_state_bytes_per_rank": None if sharded else _sharded_bytes(optimizer, world),
     }
     if rank == 0:
         with open(out, "w") as f:
@@ -105,6 +117,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", action="store_true", help="run 2 or more ranks under shard_state")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     import torch.multiprocessing as mp
@@ -123,10 +136,15 @@ def main() -> None:
                 f"(CPU per rank {', '.join(f'{c * 1e3:.0f}' for c in r['refresh_step_cpu_s_per_rank'])} ms), "
                 f"ordinary step {r['ordinary_step_s'] * 1e3:.0f} ms "
                 f"(CPU {', '.join(f'{c * 1e3:.0f}' for c in r['ordinary_step_cpu_s_per_rank'])} ms); "
-                f"{r['blocks']} blocks; factors decomposed "
-                f"on rank 0: {r['computed_here']} of {r['factor_refreshes']}; all-gathers: {r['exchanges']}; "
-                f"state bytes per rank {r['state_bytes_per_rank']:,} (projected sharded: "
-                f"{', '.join(f'{b:,}' for b in r['sharded_state_bytes_per_rank'])})"
+                f"{r['mode']}: {r['blocks']} blocks, {r['blocks_here']} on rank 0; factors decomposed "
+                f"on rank 0: {r['computed_here']} of {r['factor_refreshes']}; all-gathers: {r['exchanges']} "
+                f"({r['received_bytes_per_step']:,.0f} bytes received per step); state bytes per rank "
+                f"{', '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
+                + (
+                    f" (projected sharded: {', '.join(f'{b:,}' for b in r['projected_sharded_state_bytes_per_rank'])})"
+                    if r["projected_sharded_state_bytes_per_rank"]
+                    else ""
+                )
             )
     if args.json:
         with open(args.json, "w") as f:
