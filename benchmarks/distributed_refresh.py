@@ -17,14 +17,22 @@ State bytes: measured on every rank; "projected" is what each rank would keep if
 the state of the blocks the LPT assignment of the decomposition cost gives it (what
 ``--shard`` measures for real, with its own cost, :func:`conditioner.distributed.block_cost`).
 
+``--extrapolate`` runs nothing: for a GPT-2-small-shaped and a 1B-parameter GPT-shaped model,
+split into blocks of at most 1024, it assigns the blocks as ``shard_state`` would on 8 and 64
+ranks and prints the state per rank (eigenvalue-corrected Shampoo / SOAP, float32: factor and
+basis per preconditioned dimension, two moments) and the bytes each rank sends and receives in
+the update exchange of one step (the buffer layout of ``ShardedState.exchange``).
+
 Usage: python benchmarks/distributed_refresh.py [--ranks 1 2] [--layers 8] [--width 512]
                                                 [--block 256] [--repeats 5] [--shard] [--json FILE]
+       python benchmarks/distributed_refresh.py --extrapolate
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -35,7 +43,8 @@ import torch.distributed as dist
 from torch import nn
 
 from conditioner import EigenvalueCorrectedShampoo
-from conditioner.distributed import assign_lpt, decomposition_cost, shard_state, spread_refresh
+from conditioner.blocks import BlockPolicy, build_stacks
+from conditioner.distributed import assign_lpt, block_cost, decomposition_cost, shard_state, spread_refresh
 
 
 def _model(args: argparse.Namespace) -> nn.Module:
@@ -109,6 +118,46 @@ def _worker(rank: int, world: int, store: str, out: str, args: argparse.Namespac
     dist.destroy_process_group()
 
 
+def _gpt_shapes(width: int, layers: int, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style model (tied embedding, biases, layer norms)."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def extrapolate(ranks: tuple[int, ...] = (8, 64), block: int = 1024) -> list[dict]:
+    """State bytes per rank and exchange bytes per step under shard_state, from the shapes alone."""
+    models = {"GPT-2 small": _gpt_shapes(768, 12), "GPT 1B (width 2048, 18 layers)": _gpt_shapes(2048, 18, context=2048)}
+    rows = []
+    for name, shapes in models.items():
+        stacks = build_stacks(shapes, BlockPolicy(max_preconditioner_dim=block, split_large_dims=True))
+        blocks = [(s.shape, s.preconditioned) for s in stacks for _ in s.blocks]
+        state = [
+            4 * (2 * sum(d * d for d, p in zip(shape, pre) if p) + 2 * math.prod(shape)) for shape, pre in blocks
+        ]
+        elements = [math.prod(shape) for shape, _ in blocks]
+        for world in ranks:
+            owners = assign_lpt([block_cost(shape, pre) for shape, pre in blocks], [0.0] * world)
+            per_rank = [sum(b for b, o in zip(state, owners) if o == r) for r in range(world)]
+            sent = [4 * (1 + sum(2 + e for e, o in zip(elements, owners) if o == r)) for r in range(world)]
+            rows.append(
+                {
+                    "model": name,
+                    "parameters": sum(math.prod(s) for s in shapes),
+                    "blocks": len(blocks),
+                    "ranks": world,
+                    "state_bytes_unsharded": sum(state),
+                    "state_bytes_per_rank_max": max(per_rank),
+                    "state_bytes_per_rank_mean": sum(state) / world,
+                    "sent_bytes_per_step": max(sent),
+                    "received_bytes_per_step": max(sent) * world,
+                }
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -118,8 +167,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shard", action="store_true", help="run 2 or more ranks under shard_state")
+    parser.add_argument("--extrapolate", action="store_true", help="print the 8- and 64-rank projection only")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
+    if args.extrapolate:
+        rows = extrapolate()
+        for r in rows:
+            print(
+                f"{r['model']}: {r['parameters'] / 1e6:.0f}M parameters, {r['blocks']} blocks, {r['ranks']} ranks: "
+                f"state {r['state_bytes_unsharded'] / 1e9:.2f} GB unsharded, per rank {r['state_bytes_per_rank_max'] / 1e6:.0f} MB "
+                f"(mean {r['state_bytes_per_rank_mean'] / 1e6:.0f} MB); exchange per step: sends "
+                f"{r['sent_bytes_per_step'] / 1e6:.0f} MB, receives {r['received_bytes_per_step'] / 1e9:.2f} GB"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     import torch.multiprocessing as mp
 
     results = []

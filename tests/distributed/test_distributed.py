@@ -388,6 +388,8 @@ def test_a_sharded_checkpoint_holds_whole_stacks(tmp_path, world_of_one):
 
 
 def test_rows_describe_their_chunks_and_refuse_to_compute():
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
     from conditioner.distributed.checkpoint import Rows
 
     local = torch.arange(12.0).view(4, 3)
@@ -400,6 +402,12 @@ def test_rows_describe_their_chunks_and_refuse_to_compute():
     ]
     with pytest.raises(RuntimeError, match="only describes"):
         rows + 1
+    index = MetadataIndex("x", torch.Size([2, 0]))
+    assert rows.__get_tensor_shard__(index).data_ptr() == local[1].data_ptr()  # read into local
+    written = Rows(local, [0, 2, 3, 7], 9, writing=True).__get_tensor_shard__(index)
+    assert torch.equal(written, local[1:3])
+    # DCP writes with torch.save, which stores a tensor's whole storage: a chunk has its own
+    assert written.untyped_storage().nbytes() == written.numel() * written.element_size()
 
 
 def test_blocks_go_to_ranks_by_cost_over_all_stacks(world_of_one):
@@ -437,7 +445,6 @@ def test_a_nonfinite_gradient_under_sharding_changes_nothing(policy, world_of_on
 
 
 def test_shard_state_checks_its_arguments(world_of_one):
-    from datetime import timedelta
 
     with pytest.raises(TypeError, match="optimizer: must be a conditioner optimizer"):
         shard_state(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))

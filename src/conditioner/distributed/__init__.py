@@ -17,9 +17,9 @@ from conditioner.distributed.ownership import ShardedState, shard_state
 from conditioner.distributed.spread import BlockWork, SpreadRefresh, spread_refresh
 
 __all__ = [
-    "SpreadRefresh",
     "BlockWork",
     "ShardedState",
+    "SpreadRefresh",
     "assign_lpt",
     "block_cost",
     "decomposition_cost",

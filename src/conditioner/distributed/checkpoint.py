@@ -53,15 +53,18 @@ STEP = "step"
 class Rows(torch.Tensor):
     """Some rows of a ``size``-row tensor, for DCP: ``local`` holds rows ``rows`` (ascending) in
     order, and is handed to DCP as one chunk per run of consecutive rows, so that DCP writes, or
-    reads into ``local``, just those rows of the whole tensor. It only describes; computing with
-    it raises."""
+    reads into ``local``, just those rows of the whole tensor. For ``writing``, DCP gets each chunk
+    as a copy of its own (``torch.save``, which DCP writes with, would store a view's whole
+    storage: every chunk would carry all of ``local``); for reading, views of ``local``. It only
+    describes; computing with it raises."""
 
     @staticmethod
-    def __new__(cls, local: torch.Tensor, rows: list[int], size: int) -> Rows:
+    def __new__(cls, local: torch.Tensor, rows: list[int], size: int, writing: bool = False) -> Rows:  # noqa: PYI034
         shape = (size, *local.shape[1:])
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=local.dtype, device=local.device)
 
-    def __init__(self, local: torch.Tensor, rows: list[int], size: int) -> None:
+    def __init__(self, local: torch.Tensor, rows: list[int], size: int, writing: bool = False) -> None:
+        self.writing = writing
         self.chunks: list[tuple[torch.Size, torch.Tensor]] = []
         start = 0
         for i in range(1, len(rows) + 1):
@@ -94,7 +97,7 @@ class Rows(torch.Tensor):
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
         for offsets, chunk in self.chunks:
             if offsets == index.offset:
-                return chunk
+                return chunk.clone() if self.writing else chunk
         raise ValueError(f"{index.fqn}: no rows at {list(index.offset or [])}")
 
 
@@ -111,11 +114,11 @@ def _rows(optimizer: torch.optim.Optimizer, key: str) -> tuple[int, list[int]] |
         return None
 
 
-def _entry(tensor: torch.Tensor, rows: tuple[int, list[int]] | None) -> torch.Tensor:
-    """``tensor`` as the whole entry, or as its rows of it."""
+def _entry(tensor: torch.Tensor, rows: tuple[int, list[int]] | None, writing: bool) -> torch.Tensor:
+    """``tensor`` as the whole entry, or as its rows of it (see :class:`Rows`)."""
     if rows is None or rows[1] == list(range(rows[0])):
         return tensor
-    return Rows(tensor, rows[1], rows[0])
+    return Rows(tensor, rows[1], rows[0], writing)
 
 
 def optimizer_entries(optimizer: torch.optim.Optimizer, process_group: Any = None) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def optimizer_entries(optimizer: torch.optim.Optimizer, process_group: Any = Non
             if name == STEP:
                 value = torch.tensor(value, dtype=torch.int64)
             if isinstance(value, torch.Tensor):
-                entries[f"{STATE}{key}/{name}"] = _entry(value, rows)
+                entries[f"{STATE}{key}/{name}"] = _entry(value, rows, writing=True)
             else:
                 other.setdefault(key, {})[name] = value
     meta = {"param_groups": packed["param_groups"], "other": other, "world_size": _world_size(process_group)}
@@ -188,7 +191,7 @@ def load(
             continue  # a stack of which this rank owns no block
         shape = (len(rows[1]), *meta.size[1:]) if rows is not None else meta.size
         kept[fqn] = torch.empty(shape, dtype=meta.properties.dtype, device=device)
-        entries[fqn] = _entry(kept[fqn], rows)
+        entries[fqn] = _entry(kept[fqn], rows, writing=False)
     entries.update({MODEL + k: v for k, v in model_state.items()})
     dcp.load(entries, checkpoint_id=checkpoint_id, process_group=process_group, storage_reader=reader)
     if model is not None:

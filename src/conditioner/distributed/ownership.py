@@ -157,7 +157,9 @@ class ShardedState:
         received = received.view(self.world_size, longest)
         header = received[:, : 1 + 2 * max(len(s) for s in slots)].tolist()
         everyone_finite = all(row[0] == 1.0 for row in header)
-        return everyone_finite, [u for r in range(self.world_size) for u in self._runs(slots[r], header[r], received[r])]
+        return everyone_finite, [
+            u for r in range(self.world_size) for u in self._runs(slots[r], header[r], received[r])
+        ]
 
     @staticmethod
     def _runs(slots: list[Slot], header: list[float], buffer: torch.Tensor) -> list[Any]:
@@ -214,7 +216,9 @@ def shard_state(optimizer: Any, process_group: Any = None, timeout: timedelta | 
     if optimizer.executor is not None:
         raise ValueError("optimizer: already spreads its refreshes (spread_refresh); shard_state replaces that")
     if optimizer.state:
-        raise ValueError("optimizer: has state already; call shard_state before its first step (or load a checkpoint after)")
+        raise ValueError(
+            "optimizer: has state already; call shard_state before its first step (or load a checkpoint after)"
+        )
     sharding = ShardedState(optimizer, process_group, timeout)
     optimizer.sharding = sharding
     optimizer.forget_layouts()
