@@ -468,3 +468,19 @@ def test_shard_state_checks_its_arguments(world_of_one):
 def test_shard_state_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         ShardedState(SOAP(make_model().parameters()))
+
+
+def test_a_group_added_after_steps_keeps_the_blocks_of_the_earlier_groups(world_of_one):
+    """Ownership is assigned group after group with the loads carried over: a new group adds its
+    blocks to the least loaded ranks and moves nothing the earlier groups' state is kept for.
+    (The assignment on 3 ranks, computed by the one process; no exchange runs.)"""
+    model = make_model()
+    optimizer = OPTIMIZERS["SOAP"](list(model.e.parameters()) + list(model.c.parameters()))
+    sharding = shard_state(optimizer)
+    sharding.world_size = 3
+    before = dict(sharding.owners())
+    assert sorted({r for ranks in before.values() for r in ranks}) == [0, 1, 2]
+    optimizer.add_param_group({"params": list(model.d.parameters())})  # blocks costlier than any before
+    after = sharding.owners()
+    assert {k: v for k, v in after.items() if k.startswith("group0/")} == before
+    assert any(k.startswith("group1/") for k in after)

@@ -3,8 +3,9 @@ only their updates, and the ranks exchange the updates with one all-gather per s
 
 Ownership: every block of every stack of every param group is one item of cost
 :func:`~conditioner.distributed.assignment.block_cost` (``Σ d³`` over its factors plus its
-elements), assigned by :func:`~conditioner.distributed.assignment.assign_lpt` over all groups at
-once. Every rank computes the same assignment from the same shapes, so agreeing on it needs no
+elements), assigned by :func:`~conditioner.distributed.assignment.assign_lpt` group after group,
+the loads carried over (balanced over all groups, and a group added later leaves the earlier
+groups' blocks where they are). Every rank computes the same assignment from the same shapes, so agreeing on it needs no
 communication; a rank may own nothing (more ranks than blocks), and a block costlier than a
 rank's fair share simply makes its owner the most loaded rank.
 
@@ -73,20 +74,22 @@ class ShardedState:
         self._signature: tuple = ()
 
     def owners(self) -> dict[str, list[int]]:
-        """The rank owning each block, per stack key (in block order); recomputed when the
-        optimizer's blocks change."""
+        """The rank owning each block, per stack key (in block order); extended when a param
+        group is added. Groups are assigned in order, each with the loads the earlier ones left,
+        so adding a group never moves the blocks (and the state) of the groups before it."""
         optimizer = self.optimizer
-        stacks = [
-            (optimizer.stack_key(g, s), s) for g in range(len(optimizer.param_groups)) for s in optimizer.full_layout(g)
-        ]
-        signature = tuple((key, len(s.blocks)) for key, s in stacks)
+        groups = len(optimizer.param_groups)
+        signature = tuple((g, len(optimizer.full_layout(g))) for g in range(groups))
         if signature != self._signature:
-            costs = [block_cost(s.shape, s.preconditioned) for _, s in stacks for _ in s.blocks]
-            flat = assign_lpt(costs, [0.0] * self.world_size)
-            self._owners, start = {}, 0
-            for key, s in stacks:
-                self._owners[key] = flat[start : start + len(s.blocks)]
-                start += len(s.blocks)
+            loads = [0.0] * self.world_size
+            self._owners = {}
+            for g in range(groups):
+                stacks = [(optimizer.stack_key(g, s), s) for s in optimizer.full_layout(g)]
+                costs = [block_cost(s.shape, s.preconditioned) for _, s in stacks for _ in s.blocks]
+                flat, start = assign_lpt(costs, loads), 0
+                for key, s in stacks:
+                    self._owners[key] = flat[start : start + len(s.blocks)]
+                    start += len(s.blocks)
             self._signature = signature
         return self._owners
 

@@ -5,7 +5,9 @@ A block can straddle the boundary between two ranks' shards, and its factors nee
 block, so the optimizer works on FULL gradients (one all-gather per parameter, as FSDP's own
 forward does for the weights) and computes the exact single-process update on every rank; each
 rank then adds the part of the update that falls in its own shard. The optimizer state is
-therefore replicated, as under DDP, and the refresh can be spread in the same way.
+therefore replicated, as under DDP, and the refresh can be spread in the same way; or, under
+:func:`~conditioner.distributed.shard_state`, each rank keeps and computes only its own blocks
+(read from the same full gradients) and the updates are exchanged.
 :class:`UpdateBuffers` also serves parameters whose blocks are not views of them (read in another
 dimension order, or laid out in memory so that merged dimensions are apart).
 """
