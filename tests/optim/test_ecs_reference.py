@@ -148,7 +148,9 @@ CONFIGS = [
 def test_ecs_default_matches_the_authors_algorithm(model, refresh, method, max_qr):
     tolerance = 0.2  # the adaptive runs skip some refreshes (0.05 skips hardly any here)
     options = dict(refresh=refresh, refresh_method=method, tolerance=tolerance, max_qr_iterations=max_qr)
-    ours, opt = _run(model, lambda p: EigenvalueCorrectedShampoo(p, precondition_frequency=FREQUENCY, **options, **SETTINGS))
+    ours, opt = _run(
+        model, lambda p: EigenvalueCorrectedShampoo(p, precondition_frequency=FREQUENCY, **options, **SETTINGS)
+    )
     reference, _ = _run(
         model,
         lambda p: ReferenceECS(
