@@ -36,6 +36,10 @@ OPTIMIZERS = {
         tolerance=0.05,
         refresh_method="qr",
         max_qr_iterations=2,
+        # the earlier semantics: under the default ("keep"), D keeps its coordinates while
+        # adaptive decisions move some bases and not others, and a 1e-6 change of the loss moves
+        # this float32 run's parameters by O(0.1), so no summation order can agree to 1e-5
+        eigenvalue_transport="rotate",
     ),
     "Shampoo": lambda p: Shampoo(
         p, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, max_preconditioner_dim=8, merge_dims=False

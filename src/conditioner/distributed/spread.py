@@ -133,7 +133,8 @@ class SpreadRefresh:
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """``refresh(factors, bases)`` (an eigen-Adam ``new_bases``) computed block by block on
         the owners: the same bases, changed masks and sort orders, for the dims where any block
-        changed (as the refresh itself reports them)."""
+        changed (as the refresh itself reports them, or its basis differs: a refresh may reorder
+        a basis's columns without counting a decomposition)."""
 
         def one(dim: int, factor: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
             new, changed, orders = refresh({dim: factor}, {dim: basis})
@@ -150,7 +151,11 @@ class SpreadRefresh:
             for n in [f.shape[-1]]
         }
         results = self.run(one, work)
-        any_changed = torch.stack([mask.any() for _, mask, _ in results.values()]).tolist() if results else []
+        any_changed = (
+            torch.stack([mask.any() | (basis != bases[d]).any() for d, (basis, mask, _) in results.items()]).tolist()
+            if results
+            else []
+        )
         new, changed, orders = {}, {}, {}
         for (d, (basis, mask, order)), keep in zip(results.items(), any_changed):
             if keep:

@@ -18,6 +18,7 @@ from conditioner.linalg.tracking import (
     orthogonal_iteration_step,
     orthonormal_factor,
     permute_columns,
+    qr_algorithm,
     qr_refresh,
     staleness,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "orthogonal_iteration_step",
     "orthonormal_factor",
     "permute_columns",
+    "qr_algorithm",
     "qr_refresh",
     "quantize",
     "safe_eigh",

@@ -20,8 +20,8 @@ _JITTER_SCALES = (1e-10, 1e-7, 1e-4)
 
 
 class Eigh(NamedTuple):
-    """Result of :func:`safe_eigh`: eigenvalues ``(B, d)`` in descending order, eigenvectors as
-    columns ``(B, d, d)`` in the same order, and ``failed`` ``(B,)``, True where the previous
+    """Result of :func:`safe_eigh`: eigenvalues ``(B, d)`` in descending order (ascending when
+    asked), eigenvectors as columns ``(B, d, d)`` in the same order, and ``failed`` ``(B,)``, True where the previous
     basis (or the identity) was kept because no decomposition could be trusted."""
 
     eigenvalues: torch.Tensor
@@ -71,10 +71,12 @@ def safe_eigh(
     a: torch.Tensor,
     previous: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    descending: bool = True,
 ) -> Eigh:
     """Eigendecompose a stack of symmetric matrices ``a`` of shape ``(B, d, d)``.
 
-    Eigenpairs come in DESCENDING order of eigenvalue. Matrices that are non-finite, or whose
+    Eigenpairs come in DESCENDING order of eigenvalue, or in ``torch.linalg.eigh``'s ascending
+    order with ``descending=False`` (a kept or identity basis is returned as it is). Matrices that are non-finite, or whose
     decomposition fails even in float64 with jitter, get ``previous[i]`` (or the identity when
     ``previous`` is None) as their basis, zero eigenvalues, and ``failed[i] = True``; a warning is
     logged. An all-zero matrix gets the identity basis. The decomposition runs in
@@ -107,8 +109,9 @@ def safe_eigh(
         vals = torch.stack([r[0] if r is not None else eye.new_ones(dim) for r in per_matrix])
         vecs = torch.stack([r[1] if r is not None else eye[0] for r in per_matrix])
 
-    vals = vals.flip(-1)
-    vecs = vecs.flip(-1)
+    if descending:
+        vals = vals.flip(-1)
+        vecs = vecs.flip(-1)
     failed = ~finite | (usable & ~ok)
     keep_identity = zero & finite
     vecs = torch.where(ok[:, None, None], vecs, torch.where(keep_identity[:, None, None], eye, fallback))

@@ -75,8 +75,9 @@ def orthogonal_iteration_step(aq: torch.Tensor, order: torch.Tensor) -> torch.Te
 
 
 class QRRefresh(NamedTuple):
-    """Result of :func:`qr_refresh`: the new basis with columns in descending order of estimated
-    eigenvalue, those estimates, ``rho`` of the new basis, and the QR steps taken per matrix."""
+    """Result of :func:`qr_refresh` (:func:`qr_algorithm`): the new basis with columns in
+    descending (ascending) order of estimated eigenvalue, those estimates, ``rho`` of the new
+    basis, and the QR steps taken per matrix."""
 
     basis: torch.Tensor
     estimated_eigenvalues: torch.Tensor
@@ -118,3 +119,38 @@ def qr_refresh(
         current.rho,
         iterations,
     )
+
+
+def qr_algorithm(a: torch.Tensor, q: torch.Tensor, tolerance: float, max_iterations: int) -> QRRefresh:
+    """The unshifted QR algorithm on ``B = Qᵀ A Q`` in the form of Meta's Distributed Shampoo,
+    for stacks ``a``, ``q`` of shape ``(B, d, d)``.
+
+    Per matrix, while fewer than ``max_iterations`` steps were taken and NOT
+    ``sqrt(‖B‖² − ‖diag B‖²) ≤ tolerance·‖B‖``: ``Q_p, R = qr(B)``, ``B ← R Q_p``, ``Q ← Q Q_p``.
+    The columns are not sorted before the steps; afterwards every basis, stepped or not, has its
+    columns sorted by ``diag(B)`` ASCENDING (stable). A difference of squares that rounding made
+    negative counts as not converged, as in the authors' code. Converged matrices are masked with
+    ``torch.where``: no host synchronisation.
+    """
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+    b = q.mT @ a @ q
+    iterations = torch.zeros(a.shape[0], dtype=torch.int64, device=a.device)
+    for _ in range(max_iterations):
+        norm, off = _norm_and_off_diagonal(b)
+        active = ~(off <= tolerance * norm)
+        q_p, r = torch.linalg.qr(b)
+        b = torch.where(active[:, None, None], r @ q_p, b)
+        q = torch.where(active[:, None, None], q @ q_p, q)
+        iterations = iterations + active.to(iterations.dtype)
+    norm, off = _norm_and_off_diagonal(b)
+    rho = torch.where(norm > 0, off.nan_to_num(0.0) / norm.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+    estimates = torch.diagonal(b, dim1=-2, dim2=-1)
+    order = torch.argsort(estimates, dim=-1, stable=True)
+    return QRRefresh(permute_columns(q, order), torch.gather(estimates, -1, order), rho, iterations)
+
+
+def _norm_and_off_diagonal(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``‖B‖`` and ``sqrt(‖B‖² − ‖diag B‖²)`` per matrix (NaN where rounding made it negative)."""
+    norm = torch.linalg.matrix_norm(b)
+    return norm, (norm.square() - torch.diagonal(b, dim1=-2, dim2=-1).square().sum(-1)).sqrt()

@@ -2,12 +2,14 @@
 
 Per stack of blocks, with factors ``F_i`` (EMAs of ``G_(i) G_(i)ᵀ``) and bases ``Q_i``:
 project ``Ĝ = G ×_i Q_iᵀ``, keep Adam's moments ``m``, ``v`` of ``Ĝ`` in the basis, project the
-Adam direction back, then fold ``G`` into the factors and, when the refresh policy says so, move
-the bases. The first moment in the basis is carried to a new basis exactly (back and forward);
-the second moment either follows the sort permutation only (the SOAP reference) or is rotated
-with ``(R ⊙ R)ᵀ`` (eigenvalue-corrected Shampoo). Blocks without a preconditioned dimension get
-plain Adam. SOAP and EigenvalueCorrectedShampoo differ in the choices gathered in
-:class:`EigenAdamRules` and in their refresh policy (:meth:`EigenAdam.new_bases`,
+Adam direction back, and fold ``G`` into the factors; when the refresh policy says so, move the
+bases, either after the update (SOAP reference) or before it, so that the step's gradient is
+projected into the new bases (eigenvalue-corrected Shampoo as its authors run it). The first
+moment in the basis is carried to a new basis exactly (back and forward); the second moment
+follows the sort permutation only (SOAP), is left as it is, or is rotated with ``(R ⊙ R)ᵀ``.
+Blocks without a preconditioned dimension get plain Adam. SOAP and EigenvalueCorrectedShampoo
+differ in the choices gathered in :class:`EigenAdamRules` (per group:
+:meth:`EigenAdam.rules_for`) and in their refresh policy (:meth:`EigenAdam.new_bases`,
 :meth:`EigenAdam.stale_blocks`), which each of them owns in its own module.
 """
 
@@ -46,14 +48,24 @@ class EigenAdamRules:
     """What distinguishes the members of the family.
 
     - ``initial_basis``: ``"eigh"`` of the first factors (SOAP) or ``"identity"`` (ECS).
-    - ``second_moment_transport``: ``"permute"`` (SOAP: follow the sort only) or ``"rotate"``.
+    - ``second_moment_transport``: on a basis change, ``"permute"`` (SOAP: follow the sort
+      only), ``"keep"`` (left as it is) or ``"rotate"`` (``(R ⊙ R)ᵀ``, ``R = Q_oldᵀ Q_new``).
     - ``epsilon_outside_correction``: ε added to ``sqrt(v)`` before bias correction (SOAP
       reference: step ``lr·sqrt(1−β2ᵗ)/(1−β1ᵗ)``) rather than to ``sqrt(v/(1−β2ᵗ))`` (Adam).
+    - ``refresh_before_update``: on a refresh step, fold the gradient in and move the bases
+      first, then project the gradient into the new bases and update with them; otherwise the
+      step is taken in the old bases and the refresh follows.
+    - ``ascending_bases``: the refresh policy (:meth:`EigenAdam.new_bases`) orders the columns
+      of a new basis by ascending eigenvalue (``eigh``'s order, the ECS authors'); otherwise
+      descending. The tracked eigenbasis of a 4-bit factor is descending either way and is
+      adopted as it is (reordering it would requantise it).
     """
 
     initial_basis: str
     second_moment_transport: str
     epsilon_outside_correction: bool
+    refresh_before_update: bool = False
+    ascending_bases: bool = False
 
 
 def _basis_key(dim: int) -> str:
@@ -104,6 +116,10 @@ class EigenAdam(StackedOptimizer):
         "exp_avg": "moment",
         "exp_avg_sq": "moment",
     }
+
+    def rules_for(self, group: dict[str, Any]) -> EigenAdamRules:
+        """The rules a param group runs under; by default the class's ``rules``."""
+        return self.rules
 
     def _factor_beta(self, group: dict[str, Any]) -> float:
         """``shampoo_beta``; None or a negative value (the SOAP reference's -1) means β2."""
@@ -165,12 +181,13 @@ class EigenAdam(StackedOptimizer):
             "refreshes": torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device),
         }
         paired = self._paired_dims(group, stack)
+        initial_basis = self.rules_for(group).initial_basis
         for dim in dims:
             d = stack.shape[dim]
             zeros = grad.new_zeros(grad.shape[0], d, d)
             factor = fold_in(zeros, unfold(grad, dim), beta)
-            eig = safe_eigh(factor) if self.rules.initial_basis == "eigh" or dim in paired else None
-            if self.rules.initial_basis == "eigh":
+            eig = safe_eigh(factor) if initial_basis == "eigh" or dim in paired else None
+            if initial_basis == "eigh":
                 basis = eig.eigenvectors.to(grad.dtype)
             else:
                 basis = torch.eye(d, dtype=grad.dtype, device=grad.device).expand_as(zeros).clone()
@@ -195,35 +212,39 @@ class EigenAdam(StackedOptimizer):
             fold_gradient = False
         t = step if skip_first_update else step + 1
         beta1, beta2 = group["betas"]
-        bases = {d: state[_basis_key(d)] for d in dims}
+        rules = self.rules_for(group)
+        refresh = bool(dims) and t % group["precondition_frequency"] == 0
+        paired = self._paired_dims(group, stack)
+        beta = self._factor_beta(group)
+        new_state = dict(state)
+        factors = {d: self._factor(state, d) for d in dims if refresh or (fold_gradient and d in paired)}
+        folds: dict[str, tuple[torch.Tensor, float]] = {}
+        if fold_gradient:
+            factors = {d: fold_in(f, unfold(grad, d), beta) for d, f in factors.items()}
+            folds = {factor_key(d): (unfold(grad, d), beta) for d in dims if d not in factors}
+            for d in paired:
+                self._track(new_state, d, factors[d])
+        if refresh and rules.refresh_before_update:
+            self._refresh(group, rules, dims, new_state, factors)
 
+        bases = {d: new_state[_basis_key(d)] for d in dims}
         projected = project(grad, bases)
-        exp_avg = torch.lerp(state["exp_avg"], projected, 1.0 - beta1)
-        exp_avg_sq = torch.mul(state["exp_avg_sq"], beta2).addcmul_(projected, projected, value=1.0 - beta2)
+        exp_avg = torch.lerp(new_state["exp_avg"], projected, 1.0 - beta1)
+        exp_avg_sq = torch.mul(new_state["exp_avg_sq"], beta2).addcmul_(projected, projected, value=1.0 - beta2)
         correction1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
         correction2 = 1.0 - beta2**t if group["correct_bias"] else 1.0
         # m̂ / (sqrt(v̂) + ε) = (sqrt(c2)/c1) · m / (sqrt(v) + ε·sqrt(c2)); SOAP adds ε before correcting.
-        eps = group["eps"] if self.rules.epsilon_outside_correction else group["eps"] * correction2**0.5
+        eps = group["eps"] if rules.epsilon_outside_correction else group["eps"] * correction2**0.5
         direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
         update = project_back(direction, bases)
         if group["normalize_grads"]:  # the SOAP reference's: each block's update to unit RMS
             rms = update.square().mean(dim=tuple(range(1, update.ndim)), keepdim=True).sqrt()
             update = update / rms.add_(1e-30)
 
-        new_state = dict(state, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-        result = StackResult(new_state, update, learning_rate(group) * correction2**0.5 / correction1)
-        refresh = bool(dims) and t % group["precondition_frequency"] == 0
-        paired = self._paired_dims(group, stack)
-        beta = self._factor_beta(group)
-        factors = {d: self._factor(state, d) for d in dims if refresh or (fold_gradient and d in paired)}
-        if fold_gradient:
-            factors = {d: fold_in(f, unfold(grad, d), beta) for d, f in factors.items()}
-            result.folds = {factor_key(d): (unfold(grad, d), beta) for d in dims if d not in factors}
-            for d in paired:
-                self._track(new_state, d, factors[d])
-        if refresh:
-            self._refresh(group, dims, new_state, factors)
-        return result
+        new_state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        if refresh and not rules.refresh_before_update:
+            self._refresh(group, rules, dims, new_state, factors)
+        return StackResult(new_state, update, learning_rate(group) * correction2**0.5 / correction1, folds)
 
     def new_bases(
         self, group: dict[str, Any], factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
@@ -233,7 +254,12 @@ class EigenAdam(StackedOptimizer):
         raise NotImplementedError
 
     def _refresh(
-        self, group: dict[str, Any], dims: list[int], state: dict[str, torch.Tensor], factors: dict[int, torch.Tensor]
+        self,
+        group: dict[str, Any],
+        rules: EigenAdamRules,
+        dims: list[int],
+        state: dict[str, torch.Tensor],
+        factors: dict[int, torch.Tensor],
     ) -> None:
         """Move the bases (and the moments with them) to the refreshed ``factors``. A factor kept
         as eigenpairs has been tracked already: its blocks that the policy moves take the tracked
@@ -264,10 +290,10 @@ class EigenAdam(StackedOptimizer):
         old_changed = {d: old[d] for d in changed_bases}
         exp_avg = project(project_back(state["exp_avg"], old_changed), changed_bases)
         exp_avg_sq = state["exp_avg_sq"]
-        if self.rules.second_moment_transport == "permute":
+        if rules.second_moment_transport == "permute":
             for d, order in orders.items():
                 exp_avg_sq = _permute_along(exp_avg_sq, order, d)
-        else:
+        elif rules.second_moment_transport == "rotate":
             exp_avg_sq = transport_diagonal(exp_avg_sq, old_changed, changed_bases)
         state["exp_avg"] = exp_avg
         state["exp_avg_sq"] = exp_avg_sq
