@@ -137,6 +137,7 @@ def _outcome(model: nn.Module, optimizer: torch.optim.Optimizer, helper, saved_w
         "params": full_parameters(model),
         "computed": helper.updated if sharded else helper.computed,
         "exchanges": helper.exchanges,
+        "gradient_bytes": helper.gradient_bytes if sharded else None,
         "refreshes": optimizer.total_refreshes() if hasattr(optimizer, "total_refreshes") else 0,
         "saved_world": saved_world,
         "state_bytes": optimizer.state_bytes(),

@@ -66,7 +66,9 @@ def _sharded_jobs(root, world):
     the one-block model (two ranks own nothing), the 2-rank sharded checkpoints resumed (2 → 3) and
     unsharded 2-rank checkpoints resumed sharded."""
     trained = [
-        ("train", mode, name, False, str(root / f"w{world}-{mode}-{name}")) for mode in SHARDED_MODES for name in SHARDED
+        ("train", mode, name, False, str(root / f"w{world}-{mode}-{name}"))
+        for mode in SHARDED_MODES
+        for name in SHARDED
     ]
     if world == 2:
         return trained
@@ -222,6 +224,38 @@ def test_each_rank_keeps_and_computes_only_its_blocks(world, two_ranks, three_ra
         computed = [r[job]["computed"] for r in results]
         assert computed == [n * updating_steps for n in owned], (job, computed)
         assert all(r[job]["exchanges"] == STEPS for r in results), job
+
+
+def _gradient_bytes(name, world, tiny=False):
+    """Per rank, the gradient bytes it receives in STEPS steps when only the owners of a
+    parameter's blocks fetch its full gradient (ownership: LPT on ``block_cost``, as
+    ``shard_state`` assigns it), and the least a rank receives all-gathering every gradient."""
+    model = make_model(tiny)
+    optimizer = SHARDED[name](model.parameters())
+    stacks = optimizer.full_layout(0)
+    owners = assign_lpt([block_cost(s.shape, s.preconditioned) for s in stacks for _ in s.blocks], [0.0] * world)
+    readers = [set() for _ in optimizer.param_groups[0]["params"]]
+    for block, rank in zip([b for s in stacks for b in s.blocks], owners):
+        readers[block.param_index].add(rank)
+    params = optimizer.param_groups[0]["params"]
+    owned = [sum(4 * p.numel() for p, ranks in zip(params, readers) if r in ranks) * STEPS for r in range(world)]
+    return owned, sum(4 * p.numel() for p in params) * STEPS
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_under_fsdp_each_rank_receives_only_the_gradients_of_its_blocks(world, two_ranks, three_ranks, checkpoints):
+    """Sharded FSDP2: a rank receives the full gradient of exactly the parameters it owns a block
+    of (the shards of all ranks, its own included), less than all-gathering every gradient; under
+    DDP the gradients are already whole and nothing is exchanged for them."""
+    results = _results(world, two_ranks, three_ranks)
+    for job in [j for j in _sharded_jobs(checkpoints, world) if j[0] == "train"]:
+        received = [r[job]["gradient_bytes"] for r in results]
+        if job[1] == "ddp-sharded":
+            assert received == [0] * world, job
+            continue
+        owned, gathered = _gradient_bytes(job[2], world, job[3])
+        assert received == owned, (job, received, owned)
+        assert max(received) < gathered or job[3], (job, received, gathered)  # one block: its owner needs all
 
 
 def test_a_rank_that_owns_no_block_works(three_ranks, checkpoints, references):
@@ -484,3 +518,35 @@ def test_a_group_added_after_steps_keeps_the_blocks_of_the_earlier_groups(world_
     after = sharding.owners()
     assert {k: v for k, v in after.items() if k.startswith("group0/")} == before
     assert any(k.startswith("group1/") for k in after)
+
+
+def test_dtensor_gradients_of_two_dtypes_and_a_replicated_one_on_one_rank(world_of_one):
+    """Sharded state over DTensor parameters: a float32 gradient sharded in dim 0 and a float64
+    one sharded in dim 1 travel in one all-to-all per dtype, a replicated one is taken whole; the
+    parameters end as with plain tensors (to round-off), and the counter holds the two sharded
+    gradients of every step."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    shapes = [
+        ((10, 8), torch.float32, Shard(0)),
+        ((6, 12), torch.float64, Shard(1)),
+        ((6, 6), torch.float32, Replicate()),
+    ]
+    values = [torch.randn(shape, dtype=dtype) for shape, dtype, _ in shapes]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    spread = [
+        torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [placement]))
+        for v, (_, _, placement) in zip(values, shapes)
+    ]
+    optimizers = [SHARDED["SOAP"](plain), SHARDED["SOAP"](spread)]
+    sharding = shard_state(optimizers[1])
+    for step in range(4):
+        grads = [torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(step)) for v in values]
+        for p, q, g, (_, _, placement) in zip(plain, spread, grads, shapes):
+            p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), mesh, [placement])
+        for optimizer in optimizers:
+            optimizer.step()
+    _assert_params([q.full_tensor() for q in spread], [p.detach() for p in plain], **TOLERANCE)
+    assert sharding.gradient_bytes == 4 * (10 * 8 * 4 + 6 * 12 * 8)

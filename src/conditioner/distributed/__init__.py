@@ -6,8 +6,8 @@
   share of the blocks, and the ranks exchange the updates in one all-gather per step
   (:mod:`conditioner.distributed.ownership`).
 - DTensor parameters (FSDP2's ``fully_shard``) are handled by the optimizers themselves: full
-  gradients are gathered, the exact update computed, each rank's shard updated
-  (:mod:`conditioner.distributed.sharded`).
+  gradients are gathered (under ``shard_state`` only by the owners of their blocks), the exact
+  update computed, each rank's shard updated (:mod:`conditioner.distributed.sharded`).
 - :mod:`conditioner.distributed.checkpoint`: ``torch.distributed.checkpoint`` save and load of
   the optimizer state (imported on demand: torch's checkpoint package is slow to import).
 """

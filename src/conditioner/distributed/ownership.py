@@ -19,22 +19,25 @@ gradient whether it has an update and its step scale, then the updates themselve
 then applies every block's update with the same arithmetic as one process, so the parameters
 stay replicated (DDP) or each rank updates its own shard (FSDP2).
 
-Gradients. Under DDP they are averaged already and a rank reads only its owned blocks. Under
-FSDP2 the optimizer still all-gathers every full gradient (one collective per parameter, as
-without sharding) and reads its owned blocks from them: a block is a tile that may straddle the
-dim-0 shards of several ranks, and gathering exactly the owned tiles would need an all-to-all
-of its own. The update exchange then replaces the full update every rank computed before.
+Gradients (:meth:`ShardedState.gradients`). Under DDP they are averaged already and a rank reads
+only its owned blocks. Under FSDP2 a rank needs the full gradient of a parameter only if it owns
+one of its blocks (a block is a tile that may straddle the shards of several ranks): every rank
+sends its local shard of each gradient to those owners only, in ONE ``all_to_all_single`` per
+step and gradient dtype, and each owner concatenates the shards (uneven or empty ones included)
+into the full gradient; the other ranks get nothing of it. A DTensor gradient not sharded in one
+dimension over this process group's ranks (replicated, a 2-D mesh) is all-gathered as without
+sharding. The update exchange then replaces the full update every rank computed before.
 
 Failures. A rank that raises in its kernels, dies, or stops calling ``step()`` leaves the others
 waiting in the all-gather; ``timeout`` (or else the process group's own timeout, 30 minutes by
 default for gloo, 10 for NCCL) bounds the wait, after which a RuntimeError names the step and the
-rank. Nothing has been applied by then: the exchange comes before any state or parameter changes.
+rank. Nothing has been applied by then: the exchanges come before any state or parameter changes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -43,18 +46,23 @@ import torch.distributed as dist
 
 from conditioner.blocks import Stack
 from conditioner.distributed.assignment import assign_lpt, block_cost
+from conditioner.distributed.sharded import full_tensor, is_sharded
 from conditioner.distributed.spread import _all_gather_single
 
 #: (key of the full stack, index of the block in it, the stack, its group): one block's place
 Slot = tuple[str, int, Stack, dict[str, Any]]
+#: (the list the full gradient goes into, its index there, the DTensor gradient, its sharded
+#: dimension, the ranks that read it): one gradient's route
+Route = tuple[list[torch.Tensor | None], int, torch.Tensor, int, set[int]]
 
 
 class ShardedState:
     """Block ownership and the update exchange for one optimizer on the ranks of a process group.
 
-    ``updated`` counts the blocks whose update this rank computed, ``exchanges`` the collectives
-    it issued (one per step) and ``received_bytes`` what they brought in (the padded buffers of
-    all ranks, its own included).
+    ``updated`` counts the blocks whose update this rank computed, ``exchanges`` the update
+    exchanges it took part in (one per step) and ``received_bytes`` what they brought in (the
+    padded buffers of all ranks, its own included); ``gradient_bytes`` what the gradient
+    all-to-alls brought in (the shards of the gradients it reads, its own included).
     """
 
     def __init__(self, optimizer: Any, process_group: Any = None, timeout: timedelta | None = None) -> None:
@@ -70,6 +78,7 @@ class ShardedState:
         self.updated = 0
         self.exchanges = 0
         self.received_bytes = 0
+        self.gradient_bytes = 0
         self._owners: dict[str, list[int]] = {}
         self._signature: tuple = ()
 
@@ -105,6 +114,65 @@ class ShardedState:
             if rows:
                 stacks.append(Stack(s.key, s.shape, s.preconditioned, [s.blocks[m] for m in rows]))
         return stacks
+
+    def gradients(self) -> list[list[torch.Tensor | None]]:
+        """Per param group, per parameter, the gradient this rank reads its owned blocks from: a
+        plain gradient as it is, a DTensor's full gradient, or None (no gradient, or a DTensor
+        gradient none of whose blocks this rank owns). Every rank must call it, in lockstep."""
+        optimizer, owners = self.optimizer, self.owners()
+        ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        result: list[list[torch.Tensor | None]] = []
+        routes: dict[torch.dtype, list[Route]] = {}
+        for g, group in enumerate(optimizer.param_groups):
+            readers: list[set[int]] = [set() for _ in group["params"]]
+            for s in optimizer.full_layout(g):
+                for block, rank in zip(s.blocks, owners[optimizer.stack_key(g, s)]):
+                    readers[block.param_index].add(rank)
+            grads: list[torch.Tensor | None] = []
+            for i, p in enumerate(group["params"]):
+                dim = None if p.grad is None else _shard_dim(p.grad, ranks)
+                if dim is not None:
+                    routes.setdefault(p.grad.dtype, []).append((grads, i, p.grad, dim, readers[i]))
+                grads.append(full_tensor(p.grad) if p.grad is not None and dim is None else None)
+            result.append(grads)
+        for items in routes.values():
+            self._route(items)
+        return result
+
+    def _route(self, items: list[Route]) -> None:
+        """One all_to_all_single of gradient shards of one dtype: each rank sends its shard of
+        each gradient to the readers of that gradient; each reader stores the concatenated full
+        gradient at its place in its list."""
+        from torch.distributed.tensor import Shard
+
+        def shape(grad: torch.Tensor, dim: int, rank: int) -> list[int]:
+            size = list(grad.shape)
+            size[dim] = Shard.local_shard_size_and_offset(size[dim], self.world_size, rank)[0]
+            return size
+
+        shards = [(grad.to_local().reshape(-1), readers) for _, _, grad, _, readers in items]
+        send = [[shard for shard, readers in shards if r in readers] for r in range(self.world_size)]
+        send_sizes = [sum(shard.numel() for shard in per_rank) for per_rank in send]
+        mine = [item for item in items if self.rank in item[4]]
+        shapes = [[shape(grad, dim, r) for _, _, grad, dim, _ in mine] for r in range(self.world_size)]
+        received_sizes = [sum(math.prod(s) for s in per_rank) for per_rank in shapes]
+        local = shards[0][0]
+        sent = torch.cat([shard for per_rank in send for shard in per_rank] or [local.new_empty(0)])
+        received = local.new_empty(sum(received_sizes))
+        self._wait(
+            lambda: dist.all_to_all_single(
+                received, sent, received_sizes, send_sizes, group=self.process_group, async_op=True
+            ),
+            "gradient exchange",
+        )
+        self.gradient_bytes += received.numel() * received.element_size()
+        pieces = iter(received.split([math.prod(s) for per_rank in shapes for s in per_rank]))
+        parts: list[list[torch.Tensor]] = [[] for _ in mine]
+        for r in range(self.world_size):
+            for j, size in enumerate(shapes[r]):
+                parts[j].append(next(pieces).view(size))
+        for (grads, i, _, dim, _), part in zip(mine, parts):
+            grads[i] = torch.cat(part, dim)
 
     def _slots(self) -> tuple[list[list[Slot]], torch.dtype, torch.device]:
         """Per rank, the blocks with a gradient it owns, in the order of its buffer; the buffer's
@@ -156,7 +224,11 @@ class ShardedState:
                     send[starts[i] : starts[i + 1]] = update.update[row].reshape(-1)
             self.updated += len(indices)
         received = send.new_empty(longest * self.world_size)
-        self._all_gather(received, send)
+        self._wait(
+            lambda: _all_gather_single(received, send, group=self.process_group, async_op=True), "update exchange"
+        )
+        self.exchanges += 1
+        self.received_bytes += received.numel() * received.element_size()
         received = received.view(self.world_size, longest)
         header = received[:, : 1 + 2 * max(len(s) for s in slots)].tolist()
         everyone_finite = all(row[0] == 1.0 for row in header)
@@ -188,22 +260,33 @@ class ShardedState:
             for key, group, s, members, start, end, scale in runs
         ]
 
-    def _all_gather(self, received: torch.Tensor, send: torch.Tensor) -> None:
-        step = self.exchanges + 1
+    def _wait(self, start: Callable[[], Any], what: str) -> None:
+        """Start an asynchronous collective and wait for it, within the timeout."""
         try:
-            work = _all_gather_single(received, send, group=self.process_group, async_op=True)
+            work = start()
             if self.timeout is None:
                 work.wait()
             else:
                 work.wait(self.timeout)
         except RuntimeError as error:
             raise RuntimeError(
-                f"shard_state: the update exchange of step {step} failed on rank {self.rank} of {self.world_size} "
+                f"shard_state: the {what} of step {self.exchanges + 1} failed on rank {self.rank} of {self.world_size} "
                 "(another rank died, raised, or did not call step(); the timeout is the process group's unless "
                 f"shard_state was given one): {error}"
             ) from error
-        self.exchanges = step
-        self.received_bytes += received.numel() * received.element_size()
+
+
+def _shard_dim(grad: torch.Tensor, ranks: list[int]) -> int | None:
+    """The dimension a DTensor gradient is sharded in over a 1-D mesh of exactly ``ranks`` (in
+    their order), else None."""
+    if not is_sharded(grad):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements, mesh = grad.placements, grad.device_mesh
+    if len(placements) != 1 or type(placements[0]) is not Shard or mesh.mesh.tolist() != ranks:
+        return None
+    return placements[0].dim % grad.ndim
 
 
 def shard_state(optimizer: Any, process_group: Any = None, timeout: timedelta | None = None) -> ShardedState:

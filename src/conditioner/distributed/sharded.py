@@ -6,8 +6,9 @@ block, so the optimizer works on FULL gradients (one all-gather per parameter, a
 forward does for the weights) and computes the exact single-process update on every rank; each
 rank then adds the part of the update that falls in its own shard. The optimizer state is
 therefore replicated, as under DDP, and the refresh can be spread in the same way; or, under
-:func:`~conditioner.distributed.shard_state`, each rank keeps and computes only its own blocks
-(read from the same full gradients) and the updates are exchanged.
+:func:`~conditioner.distributed.shard_state`, each rank keeps and computes only its own blocks,
+receives the full gradients of their parameters only (one all-to-all per step,
+:meth:`~conditioner.distributed.ShardedState.gradients`), and the updates are exchanged.
 :class:`UpdateBuffers` also serves parameters whose blocks are not views of them (read in another
 dimension order, or laid out in memory so that merged dimensions are apart).
 """

@@ -15,8 +15,9 @@ count of steps taken. ``torch.optim.Optimizer.state_dict`` keeps such keys as th
 Sharded state (:func:`conditioner.distributed.shard_state`): each rank keeps the state of the
 blocks it owns only. :meth:`layout` then holds only those blocks (under the same stack keys, so
 the state of a stack has one row per owned block), the kernels run on them alone, and the
-``sharding`` object exchanges the updates of every block between the ranks (one collective per
-step) before any is applied; the finiteness checks see every rank's gradients and updates, so
+``sharding`` object hands each rank only the gradients of its blocks' parameters (under FSDP2 one
+all-to-all per step) and exchanges the updates of every block between the ranks (one collective
+per step) before any is applied; the finiteness checks see every rank's gradients and updates, so
 every rank commits, skips or raises alike.
 
 Storage precision (``state_precision``, :mod:`conditioner.optim.precision`): kernels see the
@@ -282,11 +283,11 @@ class StackedOptimizer(torch.optim.Optimizer):
         return list(by_step.values())
 
     def _gather_gradients(self) -> list[tuple[int, Stack, list[int], torch.Tensor]]:
-        """Every cohort's stacked gradient: (group index, stack, members, gradient)."""
-        work = []
+        """Every cohort's stacked gradient: (group index, stack, members, gradient). The blocks are
+        read from full gradients: a DTensor's is all-gathered, or under sharding fetched only by
+        the ranks that own one of its blocks (:meth:`ShardedState.gradients`)."""
         for group_index, group in enumerate(self.param_groups):
-            params = group["params"]
-            for i, p in enumerate(params):
+            for i, p in enumerate(group["params"]):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if p.grad is not None and p.is_meta:
@@ -295,11 +296,19 @@ class StackedOptimizer(torch.optim.Optimizer):
                         "step; materialise the parameters in place first (torch.__future__."
                         "set_swap_module_params_on_conversion(True), then module.to_empty(device=...))"
                     )
+        routed = None if self.sharding is None else self.sharding.gradients()
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
             has_grad = [p.grad is not None for p in params]
             if not any(has_grad):
                 continue
             dtype = statistics_dtype(params, group.get("state_dtype"))
-            grads = [full_tensor(p.grad) if p.grad is not None else p for p in params]
+            grads = (
+                [full_tensor(p.grad) if p.grad is not None else p for p in params]
+                if routed is None
+                else routed[group_index]
+            )
             for stack in self.layout(group_index):
                 key = self.stack_key(group_index, stack)
                 for members in self._cohorts(key, stack, has_grad):
