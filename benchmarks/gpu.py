@@ -13,7 +13,7 @@ Optimizers: torch's AdamW (foreach), our SOAP, eigenvalue-corrected Shampoo, Sha
 grafting) and Muon, and heavyball's and pytorch-optimizer's SOAP when installed (the ``bench``
 extra). Tokens are random: step time does not depend on the data.
 
-Usage: python benchmarks/gpu.py [--steps 40] [--batch 8] [--optimizers ...] [--json FILE]
+Usage: python benchmarks/gpu.py [--steps 40] [--batch 8] [--optimizers ...] [--heavyball-compile] [--json FILE]
        python benchmarks/gpu.py --tiny --device cpu      # a seconds-long smoke run of the script
 """
 
@@ -67,8 +67,9 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-def optimizers(names: list[str] | None) -> dict[str, Callable]:
-    """Constructors by name; peers only when their package is installed."""
+def optimizers(names: list[str] | None, heavyball_compile: bool = False) -> dict[str, Callable]:
+    """Constructors by name; peers only when their package is installed. heavyball compiles its
+    step with torch.compile by default; without ``heavyball_compile`` it runs eager, as ours do."""
     ours: dict[str, Callable] = {
         "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, foreach=True),
         "soap": lambda p: conditioner.SOAP(p, **SOAP_SETTINGS),
@@ -79,6 +80,8 @@ def optimizers(names: list[str] | None) -> dict[str, Callable]:
     if importlib.util.find_spec("heavyball") is not None:
         import heavyball
 
+        if not heavyball_compile:
+            heavyball.utils.compile_mode = None
         ours["heavyball-soap"] = lambda p: heavyball.ForeachSOAP(p, **SOAP_SETTINGS)
     if importlib.util.find_spec("pytorch_optimizer") is not None:
         import pytorch_optimizer
@@ -151,13 +154,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
     parser.add_argument("--optimizers", nargs="+", help="subset to run (default: all available)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--heavyball-compile", action="store_true", help="let heavyball torch.compile its step")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer width-64 model: checks the script, not the GPU")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     config = TINY if args.tiny else GPT2_SMALL
     results = []
-    for name, make in optimizers(args.optimizers).items():
+    for name, make in optimizers(args.optimizers, args.heavyball_compile).items():
         results.append(run(name, make, config, args, device))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the previous optimizer's state is garbage now

@@ -1,0 +1,191 @@
+"""The library on a CUDA device, when one is present (skipped otherwise).
+
+Each check runs the same case on the GPU and on the CPU, whose results the rest of the suite ties
+to independent references, and compares them; or it checks a device-independent identity on the
+GPU itself. Cases are float64 and well conditioned (full-rank factors with distinct eigenvalues),
+so the two devices' kernels (cuBLAS / cuSOLVER against MKL / LAPACK) agree to round-off and an
+eigenvector can't flip between near-equal eigenvalues: the tolerance is 1e-8 relative, far above
+float64 round-off grown over a dozen steps and far below a real difference. Where the case is
+float32 or lower (bfloat16 parameters, 4-bit states), the bound is stated at the test.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import random_classification, tanh_mlp
+from torch import nn
+
+from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, NonFiniteGradientError, Shampoo, state_memory
+from conditioner.curvature import EKFAC, GGN, KFAC
+from conditioner.influence.scores import train_batches
+from conditioner.solvers import solve
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+OPTIMIZERS = {
+    "SOAP": lambda p, **kw: SOAP(p, lr=1e-2, precondition_frequency=3, **kw),
+    "ECS": lambda p, **kw: EigenvalueCorrectedShampoo(p, lr=1e-2, precondition_frequency=3, merge_dims=False, **kw),
+    "ECS-adaptive-qr": lambda p, **kw: EigenvalueCorrectedShampoo(
+        p, lr=1e-2, precondition_frequency=3, merge_dims=False, refresh="adaptive", tolerance=0.2,
+        refresh_method="qr", max_qr_iterations=3, **kw
+    ),
+    "Shampoo": lambda p, **kw: Shampoo(p, lr=1e-2, precondition_frequency=3, start_preconditioning_step=3, **kw),
+    "Muon": lambda p, **kw: Muon(p, lr=1e-2, **kw),
+}
+CLOSE = {"rtol": 1e-8, "atol": 1e-10}
+
+
+def _model(device: str, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Square 8×8 hidden layer and a 6→8 input layer: with batches of 32, every factor is full rank."""
+    return tanh_mlp((6, 8, 8, 4), seed=0, dtype=dtype).to(device)
+
+
+def _batch(i: int, device: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = random_classification(32, 6, 4, torch.Generator().manual_seed(i), dtype=dtype)
+    return x.to(device), y.to(device)
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range | list[int], device: str) -> list[float]:
+    """One step per batch index in ``steps``; the loss of each step's batch before the step."""
+    losses = []
+    for i in steps:
+        x, y = _batch(i, device, next(model.parameters()).dtype)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _assert_same_parameters(gpu: nn.Module, cpu: nn.Module, **tolerance) -> None:
+    for a, b in zip(gpu.parameters(), cpu.parameters(), strict=True):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), **tolerance)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_on_the_gpu_is_the_step_on_the_cpu(name):
+    gpu, cpu = _model("cuda"), _model("cpu")
+    gpu_opt, cpu_opt = OPTIMIZERS[name](gpu.parameters()), OPTIMIZERS[name](cpu.parameters())
+    _train(gpu, gpu_opt, range(12), "cuda")
+    _train(cpu, cpu_opt, range(12), "cpu")
+    _assert_same_parameters(gpu, cpu, **CLOSE)
+    assert all(v.device.type == "cuda" for s in gpu_opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def test_ecs_before_its_first_refresh_is_adam_on_the_gpu():
+    model = _model("cuda")
+    reference = copy.deepcopy(model)
+    ecs = EigenvalueCorrectedShampoo(model.parameters(), lr=1e-2, precondition_frequency=1000, merge_dims=False)
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    _train(model, ecs, range(10), "cuda")
+    _train(reference, adam, range(10), "cuda")
+    _assert_same_parameters(model, reference.cpu(), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_non_finite_gradient_on_the_gpu_changes_nothing(name):
+    model = _model("cuda")
+    optimizer = OPTIMIZERS[name](model.parameters())
+    _train(model, optimizer, range(4), "cuda")
+    before, state = [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(NonFiniteGradientError):
+        optimizer.step()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    after = optimizer.state_dict()["state"]
+    for key, entries in state["state"].items():
+        for entry, value in entries.items():
+            assert torch.equal(after[key][entry], value) if torch.is_tensor(value) else after[key][entry] == value
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_state_dict_resumes_the_same_trajectory_on_the_gpu(name):
+    model = _model("cuda")
+    optimizer = OPTIMIZERS[name](model.parameters())
+    _train(model, optimizer, range(5), "cuda")
+    resumed_model = copy.deepcopy(model)
+    resumed = OPTIMIZERS[name](resumed_model.parameters())
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    _train(model, optimizer, range(5, 10), "cuda")
+    _train(resumed_model, resumed, range(5, 10), "cuda")
+    _assert_same_parameters(resumed_model, model.cpu(), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["SOAP", "ECS", "Shampoo"])
+def test_bfloat16_parameters_keep_float32_statistics_on_the_gpu(name):
+    """bfloat16 weights on the GPU follow the CPU's bfloat16 run: the statistics are float32 on
+    both, and the weights differ by bfloat16 rounding of different-but-equal-to-round-off updates
+    (2^-8 relative per step, ~1e-2 over 12 steps on weights of size ~1)."""
+    gpu, cpu = _model("cuda", torch.bfloat16), _model("cpu", torch.bfloat16)
+    gpu_opt, cpu_opt = OPTIMIZERS[name](gpu.parameters()), OPTIMIZERS[name](cpu.parameters())
+    losses = _train(gpu, gpu_opt, [0] * 12, "cuda")  # one batch, so the loss must fall
+    _train(cpu, cpu_opt, [0] * 12, "cpu")
+    stats = [v for s in gpu_opt.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert stats and all(v.dtype == torch.float32 for v in stats)
+    assert losses[-1] < losses[0]
+    _assert_same_parameters(gpu, cpu, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["SOAP", "ECS"])
+def test_4bit_states_on_the_gpu_store_what_they_store_on_the_cpu(name):
+    """4-bit bases (Linear 80 → 64: factors of 64² and 80², above the 4096-element threshold):
+    the same entries and bytes as on the CPU, and training that follows the CPU's to the
+    quantisation error (one 4-bit code step is ~1/8 of a block's largest entry)."""
+
+    def run(device: str) -> tuple[nn.Module, torch.optim.Optimizer, list[float]]:
+        model = tanh_mlp((80, 64, 3), seed=0).to(device)
+        optimizer = OPTIMIZERS[name](model.parameters(), state_precision="4bit")
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(8):
+            x = torch.randn(32, 80, generator=generator).to(device)
+            y = (x[:, :3] * 2).argmax(1)
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        return model, optimizer, losses
+
+    gpu, gpu_opt, gpu_losses = run("cuda")
+    cpu, cpu_opt, cpu_losses = run("cpu")
+    assert state_memory(gpu_opt).total == state_memory(cpu_opt).total
+    stored = {(k, e): v.dtype for k, s in gpu_opt.state.items() for e, v in s.items() if torch.is_tensor(v)}
+    assert stored == {(k, e): v.dtype for k, s in cpu_opt.state.items() for e, v in s.items() if torch.is_tensor(v)}
+    assert torch.uint8 in stored.values()  # some entries really are 4-bit codes
+    torch.testing.assert_close(torch.tensor(gpu_losses), torch.tensor(cpu_losses), rtol=0.05, atol=0.05)
+
+
+def _curvature_problem(device: str):
+    x, y = random_classification(48, 3, 3, torch.Generator().manual_seed(1))
+    return tanh_mlp((3, 5, 3), seed=1, dtype=torch.float64).to(device), train_batches(x.to(device), y.to(device), 12)
+
+
+@pytest.mark.parametrize("operator", [KFAC, EKFAC, GGN])
+def test_curvature_on_the_gpu_is_the_curvature_on_the_cpu(operator):
+    (gpu_model, gpu_data), (cpu_model, cpu_data) = _curvature_problem("cuda"), _curvature_problem("cpu")
+    gpu = operator(gpu_model, nn.CrossEntropyLoss(), gpu_data).to_dense()
+    cpu = operator(cpu_model, nn.CrossEntropyLoss(), cpu_data).to_dense()
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, **CLOSE)
+
+
+@pytest.mark.parametrize("method", ["direct", "cg", "lissa", "astra"])
+def test_solvers_on_the_gpu_give_the_cpu_answer(method):
+    answers = []
+    for device in ("cuda", "cpu"):
+        model, data = _curvature_problem(device)
+        ggn, ekfac = GGN(model, nn.CrossEntropyLoss(), data), EKFAC(model, nn.CrossEntropyLoss(), data)
+        v = torch.linspace(-1.0, 1.0, ggn.dim, dtype=torch.float64, device=device)
+        operator = ekfac if method == "direct" else ggn
+        options = {"preconditioner": ekfac} if method in ("cg", "astra") else {}
+        if method in ("lissa", "astra"):
+            options["generator"] = torch.Generator().manual_seed(0)
+        answers.append(solve(operator, v, 0.1, method=method, **options).solution.cpu())
+    torch.testing.assert_close(answers[0], answers[1], rtol=1e-6, atol=1e-8)
