@@ -82,7 +82,7 @@ def optimizers(names: list[str] | None, heavyball_compile: bool = False) -> dict
 
         if not heavyball_compile:
             heavyball.utils.compile_mode = None
-        ours["heavyball-soap"] = lambda p: heavyball.ForeachSOAP(p, **SOAP_SETTINGS)
+        ours["heavyball-soap"] = lambda p: heavyball.SOAP(p, **SOAP_SETTINGS)
     if importlib.util.find_spec("pytorch_optimizer") is not None:
         import pytorch_optimizer
 
@@ -160,23 +160,27 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     config = TINY if args.tiny else GPT2_SMALL
+    print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} torch {torch.__version__}, "
+          f"batch {args.batch} x {config['context']}, bf16 autocast")
+    print(f"{'optimizer':16s} {'median ms':>10s} {'mean ms':>9s} {'/ fwd+bwd':>10s} {'fwd+bwd ms':>11s} "
+          f"{'state MiB':>10s} {'peak extra MiB':>15s}", flush=True)
     results = []
     for name, make in optimizers(args.optimizers, args.heavyball_compile).items():
-        results.append(run(name, make, config, args, device))
+        try:
+            r = run(name, make, config, args, device)
+        except Exception as error:  # a peer's failure must not lose the others' results
+            print(f"{name:16s} failed: {type(error).__name__}: {error}", flush=True)
+            continue
+        results.append(r)
+        peak = "-" if r["step_peak_extra_bytes"] is None else f"{r['step_peak_extra_bytes'] / 2**20:.0f}"
+        print(f"{name:16s} {1e3 * r['step_median_s']:10.2f} {1e3 * r['step_mean_s']:9.2f} "
+              f"{r['step_over_forward_backward']:10.3f} {1e3 * r['forward_backward_median_s']:11.1f} "
+              f"{r['state_bytes'] / 2**20:10.0f} {peak:>15s}", flush=True)
+        if args.json:  # rewritten after every optimizer, so an interrupted run keeps what it measured
+            with open(args.json, "w") as file:
+                json.dump({"device": str(device), "torch": torch.__version__, "results": results}, file, indent=1)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the previous optimizer's state is garbage now
-    print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} torch {torch.__version__}, "
-          f"{results[0]['parameters'] / 1e6:.1f}M parameters, batch {args.batch} x {config['context']}, bf16 autocast")
-    print(f"{'optimizer':16s} {'median ms':>10s} {'mean ms':>9s} {'/ fwd+bwd':>10s} {'state MiB':>10s} {'peak extra MiB':>15s}")
-    for r in results:
-        peak = "-" if r["step_peak_extra_bytes"] is None else f"{r['step_peak_extra_bytes'] / 2**20:.0f}"
-        print(f"{r['optimizer']:16s} {1e3 * r['step_median_s']:10.2f} {1e3 * r['step_mean_s']:9.2f} "
-              f"{r['step_over_forward_backward']:10.3f} {r['state_bytes'] / 2**20:10.0f} {peak:>15s}")
-    print(f"forward+backward median: {1e3 * statistics.median(r['forward_backward_median_s'] for r in results):.1f} ms")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"device": str(device), "torch": torch.__version__, "results": results}, file, indent=1)
-
 
 if __name__ == "__main__":
     main()

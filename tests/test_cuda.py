@@ -2,10 +2,12 @@
 
 Each check runs the same case on the GPU and on the CPU, whose results the rest of the suite ties
 to independent references, and compares them; or it checks a device-independent identity on the
-GPU itself. Cases are float64 and well conditioned (full-rank factors with distinct eigenvalues),
-so the two devices' kernels (cuBLAS / cuSOLVER against MKL / LAPACK) agree to round-off and an
-eigenvector can't flip between near-equal eigenvalues: the tolerance is 1e-8 relative, far above
-float64 round-off grown over a dozen steps and far below a real difference. Where the case is
+GPU itself. Cases are float64 and well conditioned: square 8×8 layers and a regression loss, so
+every factor, from the first gradient on, has full rank (a rectangular or cross-entropy gradient
+leaves a null space whose eigenvectors are arbitrary: a 1e-12 change of the input then moved
+SOAP's weights by 2e-2 on one device; here it moves them by 2e-12). The two devices' kernels
+(cuBLAS / cuSOLVER against MKL / LAPACK) then agree to round-off: the tolerance is 1e-8 relative,
+far above float64 round-off grown over a dozen steps and far below a real difference. Where the case is
 float32 or lower (bfloat16 parameters, 4-bit states), the bound is stated at the test.
 """
 
@@ -39,13 +41,14 @@ CLOSE = {"rtol": 1e-8, "atol": 1e-10}
 
 
 def _model(device: str, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """Square 8×8 hidden layer and a 6→8 input layer: with batches of 32, every factor is full rank."""
-    return tanh_mlp((6, 8, 8, 4), seed=0, dtype=dtype).to(device)
+    """Three square 8×8 layers: with regression batches of 32, every factor has full rank."""
+    return tanh_mlp((8, 8, 8, 8), seed=0, dtype=dtype).to(device)
 
 
 def _batch(i: int, device: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = random_classification(32, 6, 4, torch.Generator().manual_seed(i), dtype=dtype)
-    return x.to(device), y.to(device)
+    generator = torch.Generator().manual_seed(i)
+    x, y = torch.randn(32, 8, generator=generator), torch.randn(32, 8, generator=generator)
+    return x.to(device, dtype), y.to(device, dtype)
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range | list[int], device: str) -> list[float]:
@@ -54,7 +57,7 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range | li
     for i in steps:
         x, y = _batch(i, device, next(model.parameters()).dtype)
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
@@ -119,17 +122,18 @@ def test_a_state_dict_resumes_the_same_trajectory_on_the_gpu(name):
 
 @pytest.mark.parametrize("name", ["SOAP", "ECS", "Shampoo"])
 def test_bfloat16_parameters_keep_float32_statistics_on_the_gpu(name):
-    """bfloat16 weights on the GPU follow the CPU's bfloat16 run: the statistics are float32 on
-    both, and the weights differ by bfloat16 rounding of different-but-equal-to-round-off updates
-    (2^-8 relative per step, ~1e-2 over 12 steps on weights of size ~1)."""
+    """bfloat16 weights on the GPU keep float32 statistics and train as on the CPU. The two runs
+    are compared by their losses, not weights: bfloat16 forward passes round differently on the
+    two devices (2^-8 relative), which changes the gradients the runs see; over 12 steps on one
+    batch the losses stay within 5% of each other (both fall by ~30%)."""
     gpu, cpu = _model("cuda", torch.bfloat16), _model("cpu", torch.bfloat16)
     gpu_opt, cpu_opt = OPTIMIZERS[name](gpu.parameters()), OPTIMIZERS[name](cpu.parameters())
     losses = _train(gpu, gpu_opt, [0] * 12, "cuda")  # one batch, so the loss must fall
-    _train(cpu, cpu_opt, [0] * 12, "cpu")
+    cpu_losses = _train(cpu, cpu_opt, [0] * 12, "cpu")
     stats = [v for s in gpu_opt.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
     assert stats and all(v.dtype == torch.float32 for v in stats)
-    assert losses[-1] < losses[0]
-    _assert_same_parameters(gpu, cpu, rtol=0, atol=5e-2)
+    assert losses[-1] < 0.9 * losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(cpu_losses), rtol=0.05, atol=0)
 
 
 @pytest.mark.parametrize("name", ["SOAP", "ECS"])

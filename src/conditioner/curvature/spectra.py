@@ -181,7 +181,7 @@ def lanczos(
             vector = w / beta[j].to(op.dtype)
     order = values.flip(0)[:k]
     top = ritz.flip(1)[:, :k]
-    eigenvectors = basis[:m].mT @ top.to(op.dtype)
+    eigenvectors = basis[:m].mT @ top.to(op.device, op.dtype)
     residuals = beta[m - 1] * top[-1].abs()
     return LanczosResult(order.to(op.dtype), eigenvectors, residuals.to(op.dtype), m, converged)
 

@@ -101,7 +101,8 @@ def preconditioned_step_size(
 ) -> float:
     """``1 / λ_max`` of the mini-batch preconditioned operators ``P⁻¹(B_b + λI)``, by power iteration
     on a fresh mini-batch each step, keeping the largest growth seen."""
-    x = torch.randn(dim, 1, generator=generator, dtype=dtype, device=device)
+    start = generator.device if generator is not None else device
+    x = torch.randn(dim, 1, generator=generator, dtype=dtype, device=start).to(device)
     largest = 0.0
     for _ in range(iterations):
         x = x / torch.linalg.vector_norm(x)
