@@ -223,8 +223,9 @@ def test_astra_warns_and_records_each_restart_and_a_returned_start() -> None:
     operator = GGN(model, nn.CrossEntropyLoss(), data)
     inverse = EKFAC(model, nn.CrossEntropyLoss(), data).inverse(1e-2)
     v = right_hand_sides(operator.dim)
-    with pytest.warns(RuntimeWarning, match="restarted"):
+    with pytest.warns(RuntimeWarning) as raised:
         result = astra(minibatch_operators(operator, torch.Generator().manual_seed(0)), v, 1e-2, inverse, 1e6, iterations=4)
+    assert [str(w.message) for w in raised] == result.warnings and "restarted" in result.warnings[0]
     # Iterations 1 and 3 restart (each after one step of a too-large size): two restarts, then the start.
     assert len(result.warnings) == 3 and "starting point" in result.warnings[-1]
     torch.testing.assert_close(result.solution, inverse.matmat(v), rtol=0, atol=0)

@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 from conditioner.app.data import Dataset, load_dataset
 from conditioner.app.models import build_model
 from conditioner.app.training import fit, fit_many
-from conditioner.curvature import GGN, Hessian
+from conditioner.curvature import Hessian
 from conditioner.influence.lds import draw_subsets, linear_datamodeling_score, retrain
 from conditioner.influence.scores import InfluenceContext, flat_gradients, influence, train_batches
 from conditioner.influence.task import Task

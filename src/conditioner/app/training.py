@@ -7,9 +7,9 @@ call trains the same model bit for bit at a fixed thread count whatever ran befo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
