@@ -267,3 +267,16 @@ def teacher_classification(n=256, d=8, classes=4, seed=0, dtype=torch.float32):
     w1, w2 = torch.randn(d, 16, generator=g), torch.randn(16, classes, generator=g)
     y = (torch.tanh(x @ w1) @ w2).argmax(1)
     return x.to(dtype), y
+
+
+def trained_classifier(n: int = 250, steps: int = 500) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """A float64 Tanh MLP 8-16-16-4 trained full-batch with Adam to near-zero loss on ``n`` teacher-labelled
+    examples: a GGN far from Kronecker-factored and badly conditioned, as after real training."""
+    x, y = teacher_classification(n=n, d=8, classes=4, seed=0, dtype=torch.float64)
+    model = tanh_mlp((8, 16, 16, 4), seed=0, dtype=torch.float64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, x, y

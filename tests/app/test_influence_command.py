@@ -46,3 +46,22 @@ def test_bad_arguments_get_one_line_and_status_2(arguments, message, tmp_path, c
     assert status == 2
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # the dense 6570 × 6570 GGN and its eigh: about 2.5 minutes on 1 thread
+def test_the_curvature_study_runs_reduced_and_chooses_a_damping_per_curvature(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    arguments = ["influence", "--experiments", "bhm", "--curvatures", "ggn", "block_ggn", "ekfac", "kfac", "gradient",
+                 "--queries", "6", "--validation-queries", "4", "--subsets", "4", "--repeats", "1", "--out", str(out),
+                 "--no-progress"]
+    assert main(arguments) == 0
+    report = json.loads((out / "results.json").read_text())["experiments"]["bhm"]
+    assert report["fractions"] == [0.3, 0.5, 0.7, 0.9] and report["parameters"] == 6570
+    assert report["train_examples"] == 1617 and report["evaluation_queries"] == 6
+    rows = report["curvatures"]
+    assert set(rows) == {"ggn", "block_ggn", "ekfac", "kfac", "gradient"}
+    assert rows["gradient"]["damping_ratio"] is None and rows["ekfac"]["damping"] > 0
+    for row in rows.values():
+        assert -1.0 <= row["lds"]["mean"] <= 1.0 and len(row["lds_per_query"]) == 6
+    assert "ggn-block_ggn" in report["paired"] and (out / "bhm.png").stat().st_size > 0
+    assert "paired differences" in capsys.readouterr().out

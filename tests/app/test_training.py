@@ -114,3 +114,29 @@ def test_retrain_with_real_training(tmp_path):
     assert measured.shape == (4, 5) and measured.isfinite().all()
     assert torch.equal(measured, retrain(subsets, 2, train_and_measure, tmp_path, key="mlp16"))
     assert lds.subsets_fingerprint(subsets) != lds.subsets_fingerprint(draw_subsets(64, 4, 0.5, seed=1))
+
+
+def test_fit_many_trains_the_models_fit_trains_one_at_a_time():
+    # Three GELU MLPs on different subsets (40 of 50 examples, batches 16, 16, 8) with different
+    # seeds: the vmapped training must give each the parameters fit gives it, to float32 round-off.
+    from conditioner.app.training import fit_many
+
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 6, generator=generator), torch.randint(0, 3, (50,), generator=generator)
+    masks = draw_subsets(50, 3, 0.8, seed=0)
+    seeds = [0, 1, 5]
+    settings = {"epochs": 8, "batch_size": 16, "lr": 1e-2, "weight_decay": 1e-3}
+
+    def build(seed):
+        with seeded(seed):
+            return MLP(6, 3, (8, 5), activation="gelu")
+
+    stacked = fit_many([build(s) for s in seeds], x, y, masks, seeds, torch.nn.functional.cross_entropy, **settings)
+    for t, seed in enumerate(seeds):
+        alone = fit(build(seed), x[masks[t]], y[masks[t]], torch.nn.functional.cross_entropy, seed=seed, **settings)
+        for name, p in alone.named_parameters():
+            assert not torch.equal(p, build(seed).state_dict()[name])  # it trained
+            torch.testing.assert_close(stacked[name][t], p.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="same, positive number"):
+        fit_many([build(0), build(1)], x, y, torch.stack([masks[0], masks[0] & (torch.arange(50) < 20)]), [0, 1],
+                 torch.nn.functional.cross_entropy, **settings)

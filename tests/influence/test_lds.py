@@ -237,3 +237,21 @@ def test_retrain_rejects_bad_arguments(tmp_path, setting):
         retrain(subsets, 1, lambda mask, seed: torch.zeros(next(lengths)), tmp_path, key="k2")
     with pytest.raises(ValueError, match=r"different lengths \[1, 3\]"):  # the cache holds length 1
         retrain(subsets, 1, lambda mask, seed: torch.zeros(3), tmp_path, key="k2")
+
+
+def test_retrain_in_batches_shares_the_cache_with_one_at_a_time(tmp_path, setting):
+    subsets, weights, expected = setting
+    one = Counting(weights, fail_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        retrain(subsets, 3, one, tmp_path, key="linear")
+    calls = []
+
+    def many(masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        calls.append(len(seeds))
+        return torch.stack([Counting(weights)(mask, seed) for mask, seed in zip(masks, seeds)])
+
+    torch.testing.assert_close(retrain(subsets, 3, many, tmp_path, key="linear", batch=4), expected)
+    assert calls == [4, 4, 3]  # the 11 results the interrupted run left
+    assert retrain(subsets, 3, Counting(weights), tmp_path, key="linear").shape == (5, 3)
+    with pytest.raises(ValueError, match=r"\(4, Q\)"):
+        retrain(subsets, 4, lambda masks, seeds: torch.zeros(2), tmp_path, key="linear", batch=4)

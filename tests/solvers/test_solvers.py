@@ -7,13 +7,18 @@ approximates: there CG must still be exact and ASTRA must move from the EK-FAC a
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from cases import random_classification, tanh_mlp
+from cases import random_classification, tanh_mlp, teacher_classification, trained_classifier
 from torch import nn
 
 from conditioner.curvature import EKFAC, GGN, KFAC
-from conditioner.solvers import METHODS, solve
+from conditioner.influence.scores import InfluenceContext, flat_gradients, train_batches
+from conditioner.influence.task import Task
+from conditioner.solvers import METHODS, minibatch_operators, solve
+from conditioner.solvers.iterative import astra
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,3 +146,86 @@ def test_bad_arguments_are_named() -> None:
         solve(operator, v, 0.1, method="astra")
     with pytest.raises(ValueError, match="step_size"):
         solve(operator, v, 0.1, method="lissa", step_size=-1.0)
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss(), nn.MSELoss(reduction="sum")])
+def test_minibatch_operators_average_to_the_full_operator_with_a_short_last_batch(loss: nn.Module) -> None:
+    # Batches of 16, 16 and 8 rows: each is drawn with probability 1/3, so the average of the three
+    # scaled operators is their expectation, and it must be the full operator exactly.
+    x, labels = teacher_classification(n=40, d=3, classes=3, seed=2, dtype=torch.float64)
+    y = labels if isinstance(loss, nn.CrossEntropyLoss) else nn.functional.one_hot(labels, 3).double()
+    model = tanh_mlp((3, 4, 3), seed=2, dtype=torch.float64)
+    operator = GGN(model, loss, split(x, y, 16))
+    estimates = minibatch_operators(operator)
+    average = sum(next(estimates).to_dense() for _ in range(3)) / 3
+    torch.testing.assert_close(average, operator.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_lissa_is_unbiased_with_unequal_batch_sizes() -> None:
+    # Batches of 16, 16 and 8 rows, the short one with inputs three times larger: weighting each
+    # batch's mean by 1 made the converged answer 15–20% off; unbiased estimates leave only the
+    # noise floor of the small fixed step.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=generator, dtype=torch.float64)
+    x[32:] *= 3.0
+    y = torch.randn(40, 1, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).double()
+    operator = GGN(model, nn.MSELoss(), split(x, y, 16))
+    v = right_hand_sides(5)
+    answer = exact_solution(operator.to_dense(), v, 0.1)
+    result = solve(operator, v, 0.1, method="lissa", iterations=2000, step_size=0.02, generator=torch.Generator().manual_seed(0))
+    assert relative_error(result.solution, answer) < 0.08
+
+
+def trained_problem(damping_ratio: float):
+    """A trained classifier, its EK-FAC, 12 query and all training gradients, and the damping."""
+    model, x, y = trained_classifier()
+    context = InfluenceContext(model, Task.classification(), train_batches(x, y, 64), damping_ratio)
+    queries = teacher_classification(n=12, d=8, classes=4, seed=1, dtype=torch.float64)
+    query_gradients = flat_gradients(context, *queries, measurement=True)
+    train_gradients = flat_gradients(context, x, y, measurement=False)
+    return context, query_gradients, train_gradients
+
+
+def test_astra_step_comes_from_the_largest_eigenvalue_of_the_preconditioned_operator() -> None:
+    context, v, _ = trained_problem(1.0)
+    damping, ekfac = context.damping, context.kronecker("ekfac")
+    dense = context.ggn.to_dense() + damping * torch.eye(context.ggn.dim, dtype=torch.float64)
+    root = ekfac.inverse(damping, exponent=0.5).to_dense()
+    largest = float(torch.linalg.eigvalsh(root @ dense @ root).max())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no restart at the default step
+        result = solve(context.ggn, v, damping, method="astra", preconditioner=ekfac, iterations=1, generator=torch.Generator().manual_seed(0))
+    assert result.step_size == pytest.approx(0.25 / largest, rel=0.01)
+
+
+@pytest.mark.parametrize(("damping_ratio", "tolerance"), [(1.0, 0.01), (0.1, 0.06)])
+def test_astra_converges_to_the_exact_scores_on_a_trained_model(damping_ratio: float, tolerance: float) -> None:
+    # Four batches (64, 64, 64, 58), a GGN badly conditioned after training (the preconditioned
+    # operator's condition number is about 800 at the default damping, 0.1 × the mean eigenvalue):
+    # EK-FAC's scores are 170–195% off the exact damped GGN's. Measured after 200 iterations, over
+    # 5 seeds: 0.01–0.03% at 1 × the mean eigenvalue and 5.3% at the default (before: 3.6–6% and
+    # 22–34%, the plain mini-batch residual's noise with a step from 20 mini-batch power steps).
+    context, v, train = trained_problem(damping_ratio)
+    damping, ekfac = context.damping, context.kronecker("ekfac")
+    dense = context.ggn.to_dense()
+    exact_scores = exact_solution(dense, v, damping).T @ train
+    start = solve(ekfac, v, damping, method="direct").solution
+    assert relative_error(start.T @ train, exact_scores) > 1.0
+    result = solve(context.ggn, v, damping, method="astra", preconditioner=ekfac, generator=torch.Generator().manual_seed(0))
+    assert result.warnings == []
+    assert relative_error(result.solution.T @ train, exact_scores) < tolerance
+
+
+def test_astra_warns_and_records_each_restart_and_a_returned_start() -> None:
+    model, data = tiny_mlp()
+    operator = GGN(model, nn.CrossEntropyLoss(), data)
+    inverse = EKFAC(model, nn.CrossEntropyLoss(), data).inverse(1e-2)
+    v = right_hand_sides(operator.dim)
+    with pytest.warns(RuntimeWarning) as raised:
+        result = astra(minibatch_operators(operator, torch.Generator().manual_seed(0)), v, 1e-2, inverse, 1e6, iterations=4)
+    assert [str(w.message) for w in raised] == result.warnings and "restarted" in result.warnings[0]
+    # Iterations 1 and 3 restart (each after one step of a too-large size): two restarts, then the start.
+    assert len(result.warnings) == 3 and "starting point" in result.warnings[-1]
+    torch.testing.assert_close(result.solution, inverse.matmat(v), rtol=0, atol=0)

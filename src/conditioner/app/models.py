@@ -6,8 +6,8 @@ Plain ``torch.nn`` (no torchvision). Every model is built from a :class:`~condit
 names, so a saved ``state_dict`` plus ``(kind, kwargs)`` rebuilds it. Sizes are chosen so that a
 preset finishes on 2 CPU cores in minutes:
 
-- ``mlp``: flatten → Linear/ReLU … → Linear; ``hidden=(128, 128)`` on 8×8 digits is 26k
-  parameters, ``(256, 256)`` on 28×28 images 269k.
+- ``mlp``: flatten → Linear/ReLU … → Linear (``activation="gelu"`` for GELU); ``hidden=(128, 128)``
+  on 8×8 digits is 26k parameters, ``(256, 256)`` on 28×28 images 269k, ``(64, 32)`` 6.6k.
 - ``cnn``: three 3×3 conv/ReLU/2×2-max-pool stages (1→16→32→64 channels) and one linear
   layer: 29k parameters on 28×28 images. The last feature map stays small (3×3×64 = 576 inputs
   to the classifier), so no Kronecker factor is larger than 576×576.
@@ -33,19 +33,27 @@ from conditioner.app.data import Dataset
 MODEL_KINDS = ("mlp", "cnn", "gpt")
 
 
-class MLP(nn.Module):
-    """Flatten, then ``Linear → ReLU`` per hidden width, then a linear classifier."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
-    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (128, 128)) -> None:
+
+class MLP(nn.Module):
+    """Flatten, then ``Linear → activation`` per hidden width (``"relu"`` or ``"gelu"``), then a
+    linear classifier."""
+
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (128, 128), activation: str = "relu"
+    ) -> None:
         super().__init__()
         if in_features < 1 or num_classes < 1 or any(width < 1 for width in hidden):
             raise ValueError(
                 f"in_features, num_classes and hidden must be positive, got {in_features}, {num_classes}, {tuple(hidden)}"
             )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
@@ -157,7 +165,8 @@ def build_model(kind: str, dataset: Dataset, *, seed: int | None = None, **kwarg
         raise ValueError(f"model 'gpt' needs a language data set, {dataset.name!r} is {dataset.task!r}")
     with seeded(seed):
         if kind == "mlp":
-            return MLP(math.prod(dataset.input_shape), dataset.num_classes, tuple(kwargs.get("hidden", (128, 128))))
+            return MLP(math.prod(dataset.input_shape), dataset.num_classes, tuple(kwargs.get("hidden", (128, 128))),
+                       kwargs.get("activation", "relu"))
         if kind == "cnn":
             return SmallCNN(dataset.input_shape, dataset.num_classes, tuple(kwargs.get("channels", (16, 32, 64))))
         return CharGPT(dataset.num_classes, **kwargs)

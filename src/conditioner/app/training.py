@@ -7,13 +7,15 @@ call trains the same model bit for bit at a fixed thread count whatever ran befo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -150,6 +152,14 @@ def fit(
     eval mode: every example once per epoch in an order seeded by ``seed``, the last batch of an
     epoch possibly smaller; ``batch_size >= len(inputs)`` is full-batch training.
     ``loss_function(outputs, targets)`` must return the mean loss of a batch."""
+    _check_fit_arguments(inputs, targets, epochs, batch_size, lr, weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    order = BatchOrder(len(inputs), batch_size, seed, drop_last=False)
+    train(model, optimizer, inputs, targets, loss_function, order, epochs * order.batches_per_epoch)
+    return model.eval()
+
+
+def _check_fit_arguments(inputs: torch.Tensor, targets: torch.Tensor, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
     if len(inputs) != len(targets):
         raise ValueError(f"inputs and targets must have the same length, got {len(inputs)} and {len(targets)}")
     if len(inputs) == 0:
@@ -162,7 +172,63 @@ def fit(
         raise ValueError(f"lr must be positive, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    order = BatchOrder(len(inputs), batch_size, seed, drop_last=False)
-    train(model, optimizer, inputs, targets, loss_function, order, epochs * order.batches_per_epoch)
-    return model.eval()
+
+
+def fit_many(
+    models: Sequence[nn.Module],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    masks: torch.Tensor,
+    seeds: Sequence[int],
+    loss_function: LossFunction,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """:func:`fit` for many models at once: model ``t`` (same architecture for all, no buffers)
+    trains on the examples where ``masks[t]`` is true with the batch order of ``seeds[t]``, as
+    ``fit(models[t], inputs[masks[t]], targets[masks[t]], ..., seed=seeds[t])`` would, but every
+    step is one vmapped forward and backward over all models and one AdamW update of the stacked
+    parameters (the same formula as ``torch.optim.AdamW``). Every mask must hold the same number of
+    examples. Returns the trained parameters stacked along a new first dimension, by name; the
+    models themselves are left as they were."""
+    _check_fit_arguments(inputs, targets, epochs, batch_size, lr, weight_decay)
+    if masks.dtype != torch.bool or masks.ndim != 2 or masks.shape != (len(models), len(inputs)):
+        raise ValueError(f"masks must be a bool tensor ({len(models)}, {len(inputs)}), got {masks.dtype} {tuple(masks.shape)}")
+    if len(seeds) != len(models) or not models:
+        raise ValueError(f"seeds must give one seed per model ({len(models)}), got {len(seeds)}")
+    sizes = masks.sum(1)
+    if not bool((sizes == sizes[0]).all()) or int(sizes[0]) == 0:
+        raise ValueError(f"every mask must select the same, positive number of examples, got {sorted(set(sizes.tolist()))}")
+    size = int(sizes[0])
+    chosen = torch.stack([mask.nonzero().squeeze(1) for mask in masks])  # (T, n) example indices
+    base = copy.deepcopy(models[0]).train()
+    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).clone() for name, _ in base.named_parameters()}
+    first, second = {k: torch.zeros_like(v) for k, v in params.items()}, {k: torch.zeros_like(v) for k, v in params.items()}
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def loss_of(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_function(functional_call(base, p, (x,)), y)
+
+    gradient = vmap(grad(loss_of))
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    step = 0
+    for _ in range(epochs):
+        # BatchOrder(drop_last=False): a fresh permutation per epoch, cut into batches, the last shorter.
+        order = torch.stack([torch.randperm(size, generator=g) for g in generators])
+        rows = chosen.gather(1, order)
+        for start in range(0, size, min(batch_size, size)):
+            index = rows[:, start : start + batch_size]
+            grads = gradient(params, inputs[index], targets[index])
+            step += 1
+            correction1, correction2 = 1 - beta1**step, 1 - beta2**step
+            for name, p in params.items():
+                g = grads[name]
+                p.mul_(1 - lr * weight_decay)
+                first[name].lerp_(g, 1 - beta1)
+                second[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denominator = (second[name].sqrt() / correction2**0.5).add_(eps)
+                p.addcdiv_(first[name], denominator, value=-lr / correction1)
+    return params

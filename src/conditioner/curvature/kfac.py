@@ -171,9 +171,10 @@ class KroneckerOperator(CurvatureOperator):
     def _matmat(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         return self._in_eigenbasis(vectors, lambda eigenvalues: eigenvalues)
 
-    def inverse(self, damping: float) -> KroneckerInverse:
-        """``(B + damping·I)⁻¹`` applied in the eigenbasis, ``B`` this operator."""
-        return KroneckerInverse(self, check_positive("damping", damping))
+    def inverse(self, damping: float, exponent: float = 1.0) -> KroneckerInverse:
+        """``(B + damping·I)^(−exponent)`` applied in the eigenbasis, ``B`` this operator
+        (``exponent=0.5``: the inverse square root, for symmetric preconditioning)."""
+        return KroneckerInverse(self, check_positive("damping", damping), check_positive("exponent", exponent))
 
     def eigenvalues(self) -> torch.Tensor:
         """All eigenvalues of the (block-diagonal) operator, unsorted, as one flat vector."""
@@ -190,14 +191,16 @@ class KroneckerOperator(CurvatureOperator):
 
 
 class KroneckerInverse(KroneckerOperator):
-    """The damped inverse of a :class:`KroneckerOperator`, sharing its bases."""
+    """The damped inverse power ``(B + λI)^(−exponent)`` of a :class:`KroneckerOperator`, sharing its bases."""
 
-    def __init__(self, operator: KroneckerOperator, damping: float) -> None:
+    def __init__(self, operator: KroneckerOperator, damping: float, exponent: float = 1.0) -> None:
         super().__init__(operator.params)
         self.operator = operator
-        self.damping = damping
+        self.damping, self.exponent = damping, exponent
         self.blocks = [
-            KroneckerBlock(b.layer, b.row_factor, b.col_factor, b.row_basis, b.col_basis, 1.0 / (b.eigenvalues + damping))
+            KroneckerBlock(
+                b.layer, b.row_factor, b.col_factor, b.row_basis, b.col_basis, (b.eigenvalues + damping).pow(-exponent)
+            )
             for b in operator.blocks
         ]
 

@@ -25,6 +25,7 @@ import torch
 from conditioner.progress import Progress, check_progress, tracked
 
 TrainAndMeasure = Callable[[torch.Tensor, int], torch.Tensor]
+TrainAndMeasureMany = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 def draw_subsets(num_train: int, count: int, fraction: float, seed: int) -> torch.Tensor:
@@ -106,11 +107,12 @@ def _check_lengths(lengths: set[int]) -> None:
 def retrain(
     subsets: torch.Tensor,
     repeats: int,
-    train_and_measure: TrainAndMeasure,
+    train_and_measure: TrainAndMeasure | TrainAndMeasureMany,
     cache_dir: str | os.PathLike[str],
     *,
     key: str,
     progress: Progress | None = None,
+    batch: int | None = None,
 ) -> torch.Tensor:
     """Measurements ``(M, Q)`` of the queries after training on each subset, averaged over repeats.
 
@@ -123,6 +125,10 @@ def retrain(
     that changes the result (model, training settings, queries, measurement) so that a changed
     configuration never reuses old results. An interrupted run resumes where it stopped, and more
     repeats reuse the ones already computed.
+
+    ``batch``: train up to that many models per call instead: ``train_and_measure(masks, seeds)``
+    takes the masks ``(T, N)`` and seeds (``T`` ints) of ``T`` missing (subset, repeat) pairs and
+    returns their measurements ``(T, Q)`` (vmapped training, say); each is cached as above.
     """
     if subsets.dtype != torch.bool or subsets.ndim != 2:
         raise ValueError(f"subsets must be a bool mask (M, N), got {subsets.dtype} of shape {tuple(subsets.shape)}")
@@ -136,16 +142,29 @@ def retrain(
     missing = [task for task in tasks if results[task] is None]
     lengths = {len(result) for result in results.values() if result is not None}
     _check_lengths(lengths)
-    for j, r in tracked(missing, progress, "LDS retraining"):
-        measured = torch.as_tensor(train_and_measure(subsets[j].clone(), r)).detach().cpu()
-        if measured.ndim != 1:
-            raise ValueError(f"train_and_measure must return a 1-D tensor (Q,), got shape {tuple(measured.shape)}")
-        lengths.add(len(measured))
-        _check_lengths(lengths)  # before saving: a wrong length must not enter the cache
-        buffer = io.BytesIO()
-        torch.save(measured.clone(), buffer)  # clone: save the values, not a larger storage
-        _atomic_write(_result_path(folder, j, r), buffer.getvalue())
-        results[j, r] = measured
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    size = 1 if batch is None else batch
+    groups = [missing[i : i + size] for i in range(0, len(missing), size)]
+    for group in tracked(groups, progress, "LDS retraining"):
+        if batch is None:
+            (j, r), = group
+            outputs = [torch.as_tensor(train_and_measure(subsets[j].clone(), r)).detach().cpu()]  # type: ignore[call-arg]
+        else:
+            masks = torch.stack([subsets[j] for j, _ in group]).clone()
+            many = torch.as_tensor(train_and_measure(masks, [r for _, r in group])).detach().cpu()  # type: ignore[arg-type]
+            if many.ndim != 2 or many.shape[0] != len(group):
+                raise ValueError(f"train_and_measure must return a tensor ({len(group)}, Q), got shape {tuple(many.shape)}")
+            outputs = list(many)
+        for task, measured in zip(group, outputs):
+            if measured.ndim != 1:
+                raise ValueError(f"train_and_measure must return a 1-D tensor (Q,), got shape {tuple(measured.shape)}")
+            lengths.add(len(measured))
+            _check_lengths(lengths)  # before saving: a wrong length must not enter the cache
+            buffer = io.BytesIO()
+            torch.save(measured.clone(), buffer)  # clone: save the values, not a larger storage
+            _atomic_write(_result_path(folder, *task), buffer.getvalue())
+            results[task] = measured
     stacked = torch.stack([results[task].double() for task in tasks])
     return stacked.reshape(len(subsets), repeats, -1).mean(1)
 

@@ -46,7 +46,8 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @dataclass
 class Influence:
-    """Scores ``(Q, N)``, the same split per tracked layer, the damping used and the time taken."""
+    """Scores ``(Q, N)``, the same split per tracked layer, the damping used and the time taken;
+    ``solver_warnings``: the iterative solver's warnings (an ASTRA restart, say)."""
 
     method: str
     scores: torch.Tensor
@@ -54,6 +55,7 @@ class Influence:
     damping: float
     seconds: float
     solver_residual: float | None = None
+    solver_warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,10 +137,11 @@ def flat_gradients(
 
 def precondition(
     context: InfluenceContext, gradients: torch.Tensor, method: str, damping: float | None, generator: torch.Generator | None, **options: Any
-) -> tuple[torch.Tensor, float, float | None]:
-    """``(B + λI)⁻¹`` applied to the columns of ``gradients``; returns it, λ and the last residual."""
+) -> tuple[torch.Tensor, float, float | None, list[str]]:
+    """``(B + λI)⁻¹`` applied to the columns of ``gradients``; returns it, λ, the last residual and
+    the solver's warnings."""
     if method == "gradient":
-        return gradients, 0.0, None
+        return gradients, 0.0, None, []
     damping = context.damping if damping is None else damping
     if method in ("kfac", "ekfac"):
         result = solve(context.kronecker(method), gradients, damping, method="direct")
@@ -147,7 +150,7 @@ def precondition(
             context.ggn, gradients, damping, method=method, preconditioner=context.kronecker("ekfac"), generator=generator, **options
         )
     residual = float(result.residuals[-1].max()) if result.residuals else None
-    return result.solution, damping, residual
+    return result.solution, damping, residual, result.warnings
 
 
 def influence(
@@ -164,7 +167,7 @@ def influence(
     progress = check_progress(progress)
     start = time.perf_counter()
     gradients = flat_gradients(context, *queries, measurement=True)
-    solution, damping, residual = precondition(context, gradients, method, damping, generator, **solver_options)
+    solution, damping, residual, notes = precondition(context, gradients, method, damping, generator, **solver_options)
     layers = context.layers
     pieces = iter(CurvatureOperator(context.params).unflatten(solution))
     preconditioned = [layer.to_matrix([next(pieces) for _ in layer.params]) for layer in layers]
@@ -178,7 +181,7 @@ def influence(
                 per_layer[index].append(-torch.einsum("qgrc,ngrc->qn", queries_matrix, examples))
     scores_per_layer = {layer.name: torch.cat(parts, dim=1) for layer, parts in zip(layers, per_layer)}
     scores = torch.stack(list(scores_per_layer.values())).sum(0)
-    return Influence(method, scores, scores_per_layer, damping, time.perf_counter() - start, residual)
+    return Influence(method, scores, scores_per_layer, damping, time.perf_counter() - start, residual, notes)
 
 
 def self_influence(
@@ -192,7 +195,7 @@ def self_influence(
         for first in range(0, inputs.shape[0], chunk):
             part = (inputs[first : first + chunk], targets[first : first + chunk])
             gradients = flat_gradients(context, *part, measurement=False)
-            solution, _, _ = precondition(context, gradients, method, damping, generator, **solver_options)
+            solution, _, _, _ = precondition(context, gradients, method, damping, generator, **solver_options)
             values.append((gradients * solution).sum(0))
     return torch.cat(values)
 

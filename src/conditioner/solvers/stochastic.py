@@ -1,8 +1,12 @@
 """Mini-batch curvature operators for the stochastic solvers (LiSSA, ASTRA).
 
 A batch's operator is rescaled so that its expectation over batches is the full data set's
-operator: with the normalisation ``c`` of :mod:`conditioner.curvature.losses`, a batch of ``R_b``
-of the ``R`` rows is multiplied by ``(c·R) / (c_b·R_b)`` (1 for a mean loss, ``R/R_b`` for a sum).
+operator, whatever the batch sizes. The full operator is ``B = c Σ_b Σ_{r∈b} B_r`` (``c`` the
+normalisation of :mod:`conditioner.curvature.losses` over all ``R`` rows, ``B_r`` one row's
+curvature) and batch ``b`` alone gives ``B_b = c_b Σ_{r∈b} B_r`` with its own normalisation
+``c_b``. Drawing one of the ``K`` batches uniformly, ``E[s_b B_b] = (1/K) Σ_b s_b c_b Σ_{r∈b} B_r``,
+which is ``B`` exactly when ``s_b = K·c / c_b``: for a mean loss ``K·R_b / R`` (1 only when every
+batch holds ``R / K`` rows; a short last batch is scaled down), for a sum ``K``.
 """
 
 from __future__ import annotations
@@ -36,11 +40,10 @@ def minibatch_operators(
     make: Callable[[list[Any]], ExactCurvature] = lambda batch: type(operator)(
         operator.model, operator.loss_function, batch, operator.params
     )
-    total = operator.scale * operator.rows
     estimates = []
     for batch in data:
         single = make([batch])
-        estimates.append(ScaledOperator(single, total / (single.scale * single.rows)))
+        estimates.append(ScaledOperator(single, len(data) * operator.scale / single.scale))
     while True:
         for index in torch.randperm(len(estimates), generator=generator).tolist():
             yield estimates[index]

@@ -59,7 +59,8 @@ def register(name: str) -> Callable[[Loader], Loader]:
 def load_dataset(name: str, seed: int = 0, **options: Any) -> Dataset:
     """Load data set ``name`` (one of :data:`DATASETS`) with the split fixed by ``seed``.
 
-    ``options`` are the loader's own keywords, all optional: ``fashion-mnist`` takes ``limit``
+    ``options`` are the loader's own keywords, all optional: ``digits`` takes ``val_fraction`` (default
+    0.2); ``fashion-mnist`` takes ``limit``
     (a seeded subset of that many training images); ``chars`` takes ``context`` (window length,
     default 128), ``max_chars`` (use only the corpus's first characters) and ``max_vocab``.
     Raises :class:`DataUnavailableError` when the package holding the data is not installed.

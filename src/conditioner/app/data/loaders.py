@@ -70,14 +70,14 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
 
 
 @register("digits")
-def load_digits(seed: int) -> Dataset:
-    """scikit-learn's 1797 handwritten 8×8 digits, pixels scaled to [0, 1]; 20% held out."""
+def load_digits(seed: int, val_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's 1797 handwritten 8×8 digits, pixels scaled to [0, 1]; ``val_fraction`` held out."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.int64)
-    train, val = _split(len(y), 0.2, seed)
+    train, val = _split(len(y), val_fraction, seed)
     return Dataset("digits", "classification", x[train], y[train], x[val], y[val], 10, (1, 8, 8))
 
 
