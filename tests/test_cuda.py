@@ -193,3 +193,15 @@ def test_solvers_on_the_gpu_give_the_cpu_answer(method):
             options["generator"] = torch.Generator().manual_seed(0)
         answers.append(solve(operator, v, 0.1, method=method, **options).solution.cpu())
     torch.testing.assert_close(answers[0], answers[1], rtol=1e-6, atol=1e-8)
+
+
+def test_sampled_fisher_on_the_gpu_draws_the_cpu_generator_s_labels():
+    """A CPU generator drives the sampled labels wherever the model lives, so the same seed gives
+    the same K-FAC on both devices."""
+    factors = []
+    for device in ("cuda", "cpu"):
+        model, data = _curvature_problem(device)
+        generator = torch.Generator().manual_seed(3)
+        kfac = KFAC(model, nn.CrossEntropyLoss(), data, fisher_type="sample", samples=2, generator=generator)
+        factors.append(kfac.to_dense().cpu())
+    torch.testing.assert_close(factors[0], factors[1], **CLOSE)

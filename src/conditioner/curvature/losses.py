@@ -112,11 +112,13 @@ class LossSpec:
             return probabilities.mT.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - probabilities.unsqueeze(0))
         if fisher_type == "sample":
             weight = samples**-0.5
+            draw_on = generator.device if generator is not None else output.device  # a generator draws on its own device
             if self.kind == "mse":
                 # Targets from N(f, I/2), the density whose negative log is ℓ up to a constant.
-                noise = torch.randn((samples, *output.shape), generator=generator, dtype=output.dtype, device=output.device)
-                return weight * 2.0**0.5 * noise
+                noise = torch.randn((samples, *output.shape), generator=generator, dtype=output.dtype, device=draw_on)
+                return weight * 2.0**0.5 * noise.to(output.device)
             probabilities = output.softmax(-1)
-            drawn = torch.multinomial(probabilities, samples, replacement=True, generator=generator).mT
+            drawn = torch.multinomial(probabilities.to(draw_on), samples, replacement=True, generator=generator)
+            drawn = drawn.to(output.device).mT
             return weight * (probabilities.unsqueeze(0) - functional.one_hot(drawn, classes).to(output.dtype))
         raise ValueError(f"fisher_type: must be one of {FISHER_TYPES}, got {fisher_type!r}")
