@@ -205,3 +205,26 @@ def test_sampled_fisher_on_the_gpu_draws_the_cpu_generator_s_labels():
         kfac = KFAC(model, nn.CrossEntropyLoss(), data, fisher_type="sample", samples=2, generator=generator)
         factors.append(kfac.to_dense().cpu())
     torch.testing.assert_close(factors[0], factors[1], **CLOSE)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_an_ordinary_step_on_the_gpu_synchronises_at_most_once(name):
+    """torch's own count: with the sync debug mode on "warn", every synchronising CUDA call warns."""
+    import warnings
+
+    model = _model("cuda", torch.float32)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    _train(model, optimizer, range(4), "cuda")  # the first four steps hold a refresh; the fifth is ordinary
+    x, y = _batch(4, "cuda", torch.float32)
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(synchronising) <= 1, [str(w.message) for w in synchronising]

@@ -5,8 +5,9 @@ WITHOUT touching the existing state or the parameters (the kernels are written o
 Then, after one check that every gradient and update is finite, the new state replaces the old
 and the updates are applied with foreach calls. An exception anywhere in the first phase, or a
 non-finite gradient under the default policy, therefore leaves parameters and state exactly as
-they were. Gradients are checked before any work is done (one norm per stack, one host
-synchronisation) and updates before they are applied (one sum per stack, one more).
+they were. One check, after the work and before anything is applied, looks at every gradient's
+norm and every update's sum together: an ordinary step synchronises with the host once (under
+sharded state, the gradients are checked first, since the ranks exchange that verdict).
 
 State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``self.state``:
 tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
@@ -342,21 +343,33 @@ class StackedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = self._gather_gradients()
         # The norm also flags a gradient whose squares overflow and would poison the statistics.
-        finite = self._finite([torch.linalg.vector_norm(grad) for *_, grad in work])
-        pending = self._compute(work) if finite else []
-        updates = [
+        norms = [torch.linalg.vector_norm(grad) for *_, grad in work]
+        if self.sharding is None:
+            # One host synchronisation for an ordinary step: the updates are computed out of place
+            # whatever the gradients hold, and one check over gradients and updates decides.
+            pending = self._compute(work)
+            updates = self._updates(pending)
+            if not self._finite(norms + [u.update.sum() for u in updates]):
+                self._allowed(False, "an update" if self._finite(norms) else "a gradient")
+                return loss
+        else:
+            finite = self._finite(norms)
+            pending = self._compute(work) if finite else []
+            finite, updates = self.sharding.exchange(self._updates(pending), finite)
+            if not self._allowed(finite, "a gradient"):
+                return loss
+            if not self._allowed(self._finite([u.update.sum() for u in updates]), "an update"):
+                return loss
+        self._commit(pending, updates)
+        return loss
+
+    @staticmethod
+    def _updates(pending: list[_Pending]) -> list[Update]:
+        return [
             Update(item.key, item.group, item.stack, item.members, item.result.update, item.result.scale)
             for item in pending
             if item.result.update is not None
         ]
-        if self.sharding is not None:
-            finite, updates = self.sharding.exchange(updates, finite)
-        if not self._allowed(finite, "a gradient"):
-            return loss
-        if not self._allowed(self._finite([u.update.sum() for u in updates]), "an update"):
-            return loss
-        self._commit(pending, updates)
-        return loss
 
     def _compute(self, work: list[tuple[int, Stack, list[int], torch.Tensor]]) -> list[_Pending]:
         """Every cohort's new state and update, out of place."""
