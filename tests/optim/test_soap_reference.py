@@ -26,20 +26,19 @@ from conditioner import SOAP
 
 
 def reference_merge(shape, max_dim):
-    """The reference's merge rule: over ALL dimensions, multiply while the product stays within
-    max_dim, else close the running product (or a too-large dimension on its own)."""
-    merged, product = [], 1
+    """The reference's merge rule, stated as runs: walk the dimensions keeping a run whose product
+    stays within max_dim; a dimension that would overflow a run of product > 1 starts the next run,
+    one that would overflow a run of size-1 dimensions only is a run of its own. A trailing run of
+    product 1 is kept only when it is all there is."""
+    runs = [1]
     for d in shape:
-        if product * d <= max_dim:
-            product *= d
-        elif product > 1:
-            merged.append(product)
-            product = d
+        if runs[-1] * d <= max_dim:
+            runs[-1] *= d
+        elif runs[-1] > 1:
+            runs.append(d)
         else:
-            merged.append(d)
-    if product > 1 or not merged:
-        merged.append(product)
-    return merged
+            runs[-1:] = [d, 1]
+    return runs if runs[-1] > 1 or len(runs) == 1 else runs[:-1]
 
 
 class ReferenceSOAP:
