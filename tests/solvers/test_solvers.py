@@ -200,13 +200,14 @@ def test_astra_step_comes_from_the_largest_eigenvalue_of_the_preconditioned_oper
     assert result.step_size == pytest.approx(0.25 / largest, rel=0.01)
 
 
-@pytest.mark.parametrize(("damping_ratio", "tolerance"), [(1.0, 0.01), (0.1, 0.06)])
+@pytest.mark.parametrize(("damping_ratio", "tolerance"), [(1.0, 0.01), (0.1, 0.05)])
 def test_astra_converges_to_the_exact_scores_on_a_trained_model(damping_ratio: float, tolerance: float) -> None:
     # Four batches (64, 64, 64, 58), a GGN badly conditioned after training (the preconditioned
     # operator's condition number is about 800 at the default damping, 0.1 × the mean eigenvalue):
-    # EK-FAC's scores are 170–195% off the exact damped GGN's. Measured after 200 iterations, over
-    # 5 seeds: 0.01–0.03% at 1 × the mean eigenvalue and 5.3% at the default (before: 3.6–6% and
-    # 22–34%, the plain mini-batch residual's noise with a step from 20 mini-batch power steps).
+    # EK-FAC's scores are 170–195% off the exact damped GGN's. Measured at the default 300
+    # iterations: 3.1% at the default damping (5.3% after 200 iterations; before this solver's
+    # rework: 22–34%, the plain mini-batch residual's noise with a step from 20 mini-batch power
+    # steps), 0.01–0.03% at 1 × the mean eigenvalue. The bound is 5% at the defaults.
     context, v, train = trained_problem(damping_ratio)
     damping, ekfac = context.damping, context.kronecker("ekfac")
     dense = context.ggn.to_dense()

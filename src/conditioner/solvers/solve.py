@@ -23,6 +23,10 @@ METHODS = ("direct", "cg", "lissa", "astra")
 # preconditioned λ_max was 1.5–2.3× the full one's on trained MLPs) 0.5 diverged and 0.25 converged
 # (so did 0.25 with momentum 0.95 only on some seeds: 0.9 stays).
 ASTRA_STEP_FRACTION = 0.25
+# Iterations of the stochastic solvers when not given. ASTRA's paper runs about 200; at our default
+# damping (0.1 × the mean GGN eigenvalue) the preconditioned operator of a trained MLP had a
+# condition number near 800, and 200 iterations ended 5.3% from the exact scores, 300 ended 3.1%.
+DEFAULT_ITERATIONS = {"lissa": 200, "astra": 300}
 
 
 def largest_eigenvalue(operator: CurvatureOperator, generator: torch.Generator | None = None) -> float:
@@ -39,7 +43,7 @@ def solve(
     preconditioner: KroneckerOperator | None = None,
     max_iterations: int = 100,
     tolerance: float = 1e-6,
-    iterations: int = 200,
+    iterations: int | None = None,
     step_size: float | None = None,
     momentum: float = 0.9,
     halve_every: int | None = None,
@@ -51,9 +55,9 @@ def solve(
     - ``"direct"``: ``operator`` is a K-FAC / EK-FAC operator, inverted in its eigenbasis.
     - ``"cg"``: conjugate gradient on ``operator``'s products (``max_iterations``, ``tolerance``),
       preconditioned by ``preconditioner``'s damped inverse when one is given.
-    - ``"lissa"``: ``iterations`` steps on mini-batch estimates of an exact ``operator``, step size
+    - ``"lissa"``: ``iterations`` (default 200) steps on mini-batch estimates of an exact ``operator``, step size
       ``step_size`` (default ``1 / (λ_max + damping)`` from a short Lanczos run).
-    - ``"astra"``: ``iterations`` preconditioned steps with ``momentum`` on mini-batch estimates of an
+    - ``"astra"``: ``iterations`` (default 300) preconditioned steps with ``momentum`` on mini-batch estimates of an
       exact ``operator``; ``preconditioner`` (EK-FAC, required) gives the start and the metric;
       ``step_size`` (default ``0.25 / λ_max`` of the full preconditioned operator ``(P + λI)⁻¹(B + λI)``,
       by Lanczos). ``variance_reduction`` (default): the residual's mini-batch estimate is
@@ -80,9 +84,10 @@ def solve(
         if step_size is None:
             step_size = 1.0 / (largest_eigenvalue(operator, generator) + damping)
             logger.info("lissa: step size %.3g = 1 / (λ_max + damping)", step_size)
-        return lissa(batches, rhs, damping, step_size, iterations)
+        return lissa(batches, rhs, damping, step_size, DEFAULT_ITERATIONS["lissa"] if iterations is None else iterations)
     if inverse is None:
         raise ValueError("preconditioner: method 'astra' needs an EKFAC (or KFAC) operator to precondition with")
+    iterations = DEFAULT_ITERATIONS["astra"] if iterations is None else iterations
     if step_size is None:
         root = preconditioner.inverse(damping, exponent=0.5)
         largest = preconditioned_largest_eigenvalue(operator, root, damping, generator=generator)
