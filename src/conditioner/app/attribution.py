@@ -29,11 +29,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from conditioner import EigenvalueCorrectedShampoo
 from conditioner.app.data import Dataset, load_dataset
 from conditioner.app.models import build_model
 from conditioner.app.training import fit, fit_many
 from conditioner.curvature import Hessian
 from conditioner.influence.lds import draw_subsets, linear_datamodeling_score, retrain
+from conditioner.influence.optimizer_curvature import OptimizerCurvature
 from conditioner.influence.scores import InfluenceContext, flat_gradients, influence, train_batches
 from conditioner.influence.task import Task
 from conditioner.progress import Progress, tracked
@@ -89,6 +91,8 @@ class Prepared:
     queries: tuple[torch.Tensor, torch.Tensor]
     model: nn.Module
     train_seconds: float
+    #: eigenvalue-corrected Shampoo with lr 0 that saw every gradient of the model's training
+    observer: torch.optim.Optimizer | None = None
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -132,7 +136,11 @@ def prepare(experiment: Experiment, queries: int, seed: int = 0) -> Prepared:
     count = min(queries, data.x_val.shape[0])
     prepared = Prepared(experiment, data, (data.x_val[:count], data.y_val[:count]), nn.Identity(), 0.0)
     start = time.perf_counter()
-    prepared.model = prepared.train(None, seed)
+    model = prepared.build(seed)
+    prepared.observer = EigenvalueCorrectedShampoo(model.parameters(), lr=0.0)
+    prepared.model = fit(model, prepared.x_train, prepared.y_train, experiment.task.loss_function,
+                         epochs=experiment.epochs, batch_size=experiment.batch_size, lr=experiment.lr,
+                         weight_decay=experiment.weight_decay, seed=seed, observer=prepared.observer)
     prepared.train_seconds = time.perf_counter() - start
     return prepared
 
@@ -184,7 +192,7 @@ def evaluate(scores: dict[str, Any], masks: torch.Tensor, measurements: torch.Te
     return table
 
 
-CURVATURES = ("hessian", "ggn", "block_ggn", "ekfac", "kfac", "gradient", "cg", "astra")
+CURVATURES = ("hessian", "ggn", "block_ggn", "ekfac", "kfac", "ecs_state", "gradient", "cg", "astra")
 DAMPING_RATIOS = tuple(10.0 ** (k / 2) for k in range(-8, 5))  # 1e-4 … 1e2 × the GGN's mean eigenvalue
 ITERATIVE_RATIOS = (1e-2, 1e-1, 1.0, 10.0)  # CG and ASTRA: one solve per damping, so a coarser grid
 
@@ -241,6 +249,8 @@ def curvature_study(
     the fractions α); the rest are the evaluation queries. Every curvature is formed in float64 on
     the trained model: the exact Hessian, the GGN and its per-layer blocks as dense matrices
     (``to_dense()``, one ``eigh`` each, then every damping is a rescaling), K-FAC and EK-FAC, the
+    state of the eigenvalue-corrected Shampoo that watched the training (``ecs_state``, its damping
+    relative to its own mean eigenvalue), the
     gradient dot product, and CG (EK-FAC preconditioned) and ASTRA on the exact GGN, at each of
     ``iterative_ratios`` (None: only at the damping chosen for the exact GGN). Returns the
     settings, timings, the damping grid's validation LDS, and per curvature the evaluation LDS (mean
@@ -281,6 +291,14 @@ def curvature_study(
         timings["hessian"] = time.perf_counter() - clock
     negative = int((spectra["hessian"].eigenvalues < 0).sum()) if "hessian" in spectra else None
 
+    if "ecs_state" in curvatures:
+        if prepared.observer is None:
+            raise ValueError("curvatures: 'ecs_state' needs the optimizer that observed the model's training")
+        original = dict(prepared.model.named_parameters())
+        names = {id(p): name for name, p in model.named_parameters()}
+        optimizer_curvature = OptimizerCurvature(prepared.observer, [original[names[id(p)]] for p in context.params])
+        own_mean = optimizer_curvature.mean_eigenvalue
+
     def evaluate_scores(scores: torch.Tensor) -> dict[float, torch.Tensor]:
         return {fraction: linear_datamodeling_score(scores, masks, values).per_query for fraction, (masks, values) in measured.items()}
 
@@ -298,9 +316,11 @@ def curvature_study(
         candidates = []
         clock = time.perf_counter()
         for ratio in ratios:
-            damping = 0.0 if ratio is None else ratio * mean_eigenvalue
+            damping = 0.0 if ratio is None else ratio * (own_mean if name == "ecs_state" else mean_eigenvalue)
             notes: list[str] = []
-            if name in spectra:
+            if name == "ecs_state":
+                scores = -optimizer_curvature.inverse_matmat(queries, damping).T @ train
+            elif name in spectra:
                 scores = spectra[name].scores(damping)
             elif name == "gradient":
                 scores = -queries.T @ train

@@ -147,15 +147,24 @@ def fit(
     lr: float,
     weight_decay: float = 0.0,
     seed: int = 0,
+    observer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with AdamW for ``epochs`` passes over the data and return it, in
     eval mode: every example once per epoch in an order seeded by ``seed``, the last batch of an
     epoch possibly smaller; ``batch_size >= len(inputs)`` is full-batch training.
-    ``loss_function(outputs, targets)`` must return the mean loss of a batch."""
+    ``loss_function(outputs, targets)`` must return the mean loss of a batch. ``observer``, an
+    optimizer over the same parameters built with lr 0, steps after every AdamW step on the same
+    gradients: it gathers its statistics (its Kronecker factors, say) without changing the model."""
     _check_fit_arguments(inputs, targets, epochs, batch_size, lr, weight_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = BatchOrder(len(inputs), batch_size, seed, drop_last=False)
-    train(model, optimizer, inputs, targets, loss_function, order, epochs * order.batches_per_epoch)
+
+    def observe(_: StepReport) -> bool:
+        observer.step()
+        return True
+
+    train(model, optimizer, inputs, targets, loss_function, order, epochs * order.batches_per_epoch,
+          after_step=None if observer is None else observe)
     return model.eval()
 
 
