@@ -106,13 +106,18 @@ class Prepared:
         """The experiment's untrained model, initialised with ``seed``."""
         return build_model("mlp", self.dataset, seed=seed, hidden=self.experiment.hidden, activation=self.experiment.activation)
 
-    def train(self, mask: torch.Tensor | None, seed: int) -> nn.Module:
-        """A model initialised with ``seed`` and trained on the examples in ``mask`` (all: None)."""
+    def train(
+        self, mask: torch.Tensor | None, seed: int, model: nn.Module | None = None,
+        observer: torch.optim.Optimizer | None = None,
+    ) -> nn.Module:
+        """A model initialised with ``seed`` (or ``model``, built so) and trained on the examples in
+        ``mask`` (all: None), ``observer`` stepping beside it (:func:`fit`)."""
         experiment = self.experiment
         x = self.x_train if mask is None else self.x_train[mask]
         y = self.y_train if mask is None else self.y_train[mask]
-        return fit(self.build(seed), x, y, experiment.task.loss_function, epochs=experiment.epochs,
-                   batch_size=experiment.batch_size, lr=experiment.lr, weight_decay=experiment.weight_decay, seed=seed)
+        return fit(self.build(seed) if model is None else model, x, y, experiment.task.loss_function,
+                   epochs=experiment.epochs, batch_size=experiment.batch_size, lr=experiment.lr,
+                   weight_decay=experiment.weight_decay, seed=seed, observer=observer)
 
     def train_and_measure_many(self, masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """The queries' measurements ``(T, Q)`` of ``T`` models, model ``t`` trained as
@@ -138,9 +143,7 @@ def prepare(experiment: Experiment, queries: int, seed: int = 0) -> Prepared:
     start = time.perf_counter()
     model = prepared.build(seed)
     prepared.observer = EigenvalueCorrectedShampoo(model.parameters(), lr=0.0)
-    prepared.model = fit(model, prepared.x_train, prepared.y_train, experiment.task.loss_function,
-                         epochs=experiment.epochs, batch_size=experiment.batch_size, lr=experiment.lr,
-                         weight_decay=experiment.weight_decay, seed=seed, observer=prepared.observer)
+    prepared.model = prepared.train(None, seed, model, prepared.observer)
     prepared.train_seconds = time.perf_counter() - start
     return prepared
 

@@ -50,31 +50,31 @@ class UpdateBuffers:
     the parameter keeps its identity, its strides, and bit for bit the contiguous result."""
 
     def __init__(self) -> None:
-        self._sharded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: id of a parameter → (the parameter, its stand-in)
+        self._stand_ins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def targets(self, params: Sequence[torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
         """``params`` with the parameter of each of ``blocks`` that needs one replaced by its stand-in."""
         result = list(params)
         for block in blocks:
             p = params[block.param_index]
-            if id(p) in self._sharded or id(p) in self._staged:
-                result[block.param_index] = (self._sharded.get(id(p)) or self._staged[id(p)])[1]
-            elif is_sharded(p):
-                self._sharded[id(p)] = (p, laid_out(local_tensor(p).new_empty(p.shape), block.dim_order, zeros=True))
-                result[block.param_index] = self._sharded[id(p)][1]
-            elif not block.is_view_of(p):
-                self._staged[id(p)] = (p, laid_out(p, block.dim_order))
-                result[block.param_index] = self._staged[id(p)][1]
+            if id(p) not in self._stand_ins:
+                if is_sharded(p):
+                    self._stand_ins[id(p)] = (p, laid_out(local_tensor(p).new_empty(p.shape), block.dim_order, zeros=True))
+                elif not block.is_view_of(p):
+                    self._stand_ins[id(p)] = (p, laid_out(p, block.dim_order))
+            if id(p) in self._stand_ins:
+                result[block.param_index] = self._stand_ins[id(p)][1]
         return result
 
     def apply(self) -> None:
         """Copy each staged parameter back; add to each DTensor's shard this rank's part of its
         buffer (sliced here, no communication)."""
-        for p, staged in self._staged.values():
-            p.copy_(staged)
-        for p, buffer in self._sharded.values():
+        for p, stand_in in self._stand_ins.values():
+            if not is_sharded(p):
+                p.copy_(stand_in)
+                continue
             from torch.distributed.tensor import distribute_tensor
 
-            part = distribute_tensor(buffer.contiguous(), p.device_mesh, p.placements, src_data_rank=None).to_local()
+            part = distribute_tensor(stand_in.contiguous(), p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().add_(part)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from conditioner.optim.eigen_adam import EigenAdam
+from conditioner.optim.kronecker import project, project_back
 
 
 class OptimizerCurvature:
@@ -79,12 +80,10 @@ class OptimizerCurvature:
             out = torch.empty_like(columns)
             for view_shape, index, bases, corrected in blocks:
                 shaped = columns.reshape(vectors.shape[1], *view_shape)[(slice(None), *index)]
-                for d, q in bases.items():  # into the eigenbasis: contract dim d with Q_d
-                    shaped = torch.movedim(torch.tensordot(shaped, q.to(vectors.dtype), dims=([d + 1], [0])), -1, d + 1)
-                shaped = shaped / (corrected.to(vectors.dtype) + damping)
-                for d, q in bases.items():  # and back
-                    shaped = torch.movedim(torch.tensordot(shaped, q.to(vectors.dtype), dims=([d + 1], [1])), -1, d + 1)
-                out.reshape(vectors.shape[1], *view_shape)[(slice(None), *index)] = shaped
+                # the K columns stand where a stack's blocks do, all in this block's bases
+                q = {d: basis.to(vectors.dtype).unsqueeze(0) for d, basis in bases.items()}
+                inverse = project_back(project(shaped, q) / (corrected.to(vectors.dtype) + damping), q)
+                out.reshape(vectors.shape[1], *view_shape)[(slice(None), *index)] = inverse
             result[start : start + size] = out.reshape(vectors.shape[1], size).T
             start += size
         return result
