@@ -60,9 +60,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def loss_and_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over all predictions (per character for language) and the correct count."""
     logits = model(x)
-    logits = logits.reshape(-1, logits.shape[-1])
-    target = y.reshape(-1)
-    return F.cross_entropy(logits, target), (logits.argmax(-1) == target).sum()
+    return cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
 
 
 @torch.no_grad()
