@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # test_devices.py runs the device mechanism in an inner session
+
 CUDA_MARK = "cuda: needs a CUDA device; skipped where none is present"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 

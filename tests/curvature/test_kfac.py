@@ -151,7 +151,10 @@ def test_embedding_followed_by_linear_is_exact(device: torch.device) -> None:
     assert_kfac_exact(model, nn.MSELoss(), batches_of(tokens.to(device), targets.to(device), [4, 5]))
 
 
-def nonlinear_classifier(device: torch.device | str = "cpu") -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def nonlinear_classifier(device: torch.device | str = "cpu") -> tuple[nn.Module, Batches]:
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).to(device, torch.float64)
     generator = torch.Generator().manual_seed(1)
@@ -160,7 +163,7 @@ def nonlinear_classifier(device: torch.device | str = "cpu") -> tuple[nn.Module,
     return model, batches_of(x.to(device), y.to(device), [10, 12, 8])
 
 
-def conv_classifier(device: torch.device | str = "cpu") -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+def conv_classifier(device: torch.device | str = "cpu") -> tuple[nn.Module, Batches]:
     torch.manual_seed(7)
     model = nn.Sequential(
         nn.Conv2d(2, 4, kernel_size=3, padding=1, groups=2), nn.Tanh(), nn.Conv2d(4, 3, 2, stride=2), nn.Flatten(), nn.Linear(12, 3)

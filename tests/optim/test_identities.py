@@ -306,7 +306,10 @@ def test_ecs_adaptive_refresh_count_falls_as_tolerance_grows(method, transport, 
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     # a slowly drifting gradient: factors keep changing a little, as in training
-    grads = [[(b + 0.3 * torch.randn(b.shape, generator=g, dtype=torch.float64)).to(device) for b in base] for _ in range(30)]
+    def drifted() -> list[torch.Tensor]:
+        return [(b + 0.3 * torch.randn(b.shape, generator=g, dtype=torch.float64)).to(device) for b in base]
+
+    grads = [drifted() for _ in range(30)]
     counts = []
     for tolerance in [0.0, 0.01, 0.1, 0.5, 1.0]:
         opt = _ecs_refreshes(grads, shapes, refresh="adaptive", tolerance=tolerance, refresh_method=method,

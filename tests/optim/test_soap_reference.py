@@ -95,7 +95,10 @@ class ReferenceSOAP:
                 st["m"] = torch.zeros_like(g)
                 st["v"] = torch.zeros_like(g)
                 eligible = p.grad.ndim > 1
-                st["GG"] = [torch.zeros(d, d, dtype=g.dtype, device=g.device) if eligible and d <= self.max_dim else None for d in g.shape]
+                st["GG"] = [
+                    torch.zeros(d, d, dtype=g.dtype, device=g.device) if eligible and d <= self.max_dim else None
+                    for d in g.shape
+                ]
                 self._update_factors(g, st)
                 st["Q"] = [None if f is None else self._eigh_desc(f) for f in st["GG"]]
                 continue
@@ -194,7 +197,8 @@ def test_reference_detects_a_port_that_forgets_to_permute_the_second_moment(monk
 def test_soap_with_normalize_grads_matches_the_reference(device):
     settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     ours, _ = _run(
-        lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, normalize_grads=True, **settings), device=device
+        lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, normalize_grads=True, **settings),
+        device=device,
     )
     reference, _ = _run(
         lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, normalize_grads=True, **settings), device=device
