@@ -182,19 +182,23 @@ def train_shared_input(model, opt, steps, seed=0):
         opt.step()
 
 
-def batch(i, dtype=torch.float32, n=16, d_in=4, d_out=3):
+def batch(i, dtype=torch.float32, n=16, d_in=4, d_out=3, device="cpu"):
     g = torch.Generator().manual_seed(1000 + i)
-    return torch.randn(n, d_in, generator=g).to(dtype), torch.randn(n, d_out, generator=g).to(dtype)
+    x, y = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+    return x.to(device, dtype), y.to(device, dtype)
 
 
 def mse(model, i):
-    x, y = batch(i, next(model.parameters()).dtype)
+    """The loss of batch ``i``, drawn in the dtype and on the device of ``model``'s parameters."""
+    p = next(model.parameters())
+    x, y = batch(i, p.dtype, device=p.device)
     return ((model(x) - y) ** 2).mean()
 
 
-def make_model(seed=0, dtype=torch.float32, **kw):
+def make_model(seed=0, dtype=torch.float32, device="cpu", **kw):
+    """An :class:`MLP` initialised on the CPU from ``seed``, then moved: the same weights on every device."""
     torch.manual_seed(seed)
-    return MLP(**kw).to(dtype)
+    return MLP(**kw).to(device, dtype)
 
 
 def train(model, opt, steps, start=0):
@@ -204,10 +208,10 @@ def train(model, opt, steps, start=0):
         opt.step()
 
 
-def fixed_grads(shapes, steps, seed=0, dtype=torch.float64):
+def fixed_grads(shapes, steps, seed=0, dtype=torch.float64, device="cpu"):
     """A gradient sequence that does not depend on the parameters."""
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(steps)]
+    return [[torch.randn(s, generator=g, dtype=dtype).to(device) for s in shapes] for _ in range(steps)]
 
 
 def params_of(model):
@@ -241,37 +245,49 @@ def floating_state(opt):
 # --- classification -----------------------------------------------------------------------------
 
 
-def tanh_mlp(widths: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """``Linear`` layers of ``widths`` with ``Tanh`` between them, built after ``torch.manual_seed(seed)``."""
+def tanh_mlp(
+    widths: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> nn.Sequential:
+    """``Linear`` layers of ``widths`` with ``Tanh`` between them, built on the CPU after
+    ``torch.manual_seed(seed)``, then moved to ``device``."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i in range(len(widths) - 1):
         if i:
             layers.append(nn.Tanh())
         layers.append(nn.Linear(widths[i], widths[i + 1]))
-    return nn.Sequential(*layers).to(dtype)
+    return nn.Sequential(*layers).to(device, dtype)
 
 
 def random_classification(
-    n: int, features: int, classes: int, generator: torch.Generator, dtype: torch.dtype = torch.float64
+    n: int,
+    features: int,
+    classes: int,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian inputs ``(n, features)`` and uniformly drawn labels, from ``generator``."""
+    """Gaussian inputs ``(n, features)`` and uniformly drawn labels, from the CPU ``generator``, on ``device``."""
     x = torch.randn(n, features, generator=generator, dtype=dtype)
-    return x, torch.randint(0, classes, (n,), generator=generator)
+    return x.to(device), torch.randint(0, classes, (n,), generator=generator).to(device)
 
 
-def teacher_classification(n=256, d=8, classes=4, seed=0, dtype=torch.float32):
-    """Inputs labelled by a random two-layer tanh teacher: a problem a small classifier can learn."""
+def teacher_classification(n=256, d=8, classes=4, seed=0, dtype=torch.float32, device="cpu"):
+    """Inputs labelled by a random two-layer tanh teacher: a problem a small classifier can learn.
+    Labelled on the CPU, then moved: the same labels on every device."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     w1, w2 = torch.randn(d, 16, generator=g), torch.randn(16, classes, generator=g)
     y = (torch.tanh(x @ w1) @ w2).argmax(1)
-    return x.to(dtype), y
+    return x.to(device, dtype), y.to(device)
 
 
-def trained_classifier(n: int = 250, steps: int = 500) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+def trained_classifier(
+    n: int = 250, steps: int = 500, device: torch.device | str = "cpu"
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     """A float64 Tanh MLP 8-16-16-4 trained full-batch with Adam to near-zero loss on ``n`` teacher-labelled
-    examples: a GGN far from Kronecker-factored and badly conditioned, as after real training."""
+    examples: a GGN far from Kronecker-factored and badly conditioned, as after real training. Trained on
+    the CPU and then moved to ``device``, with its data, so that every device gets the same problem."""
     x, y = teacher_classification(n=n, d=8, classes=4, seed=0, dtype=torch.float64)
     model = tanh_mlp((8, 16, 16, 4), seed=0, dtype=torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -279,4 +295,4 @@ def trained_classifier(n: int = 250, steps: int = 500) -> tuple[nn.Sequential, t
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)

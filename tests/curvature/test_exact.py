@@ -6,7 +6,9 @@ from the network's Jacobian and the loss's Hessian in the outputs (no LossSpec i
 empirical Fisher from per-row gradients computed one by one. All comparisons are float64 with
 tolerance 1e-10 relative to the matrix's largest entry: the operators and the references sum the
 same few dozen terms in different orders, so they differ by a few ulps (~1e-15), and 1e-10 still
-catches any wrong factor, transpose or missing term.
+catches any wrong factor, transpose or missing term. The comparisons run on every device (the
+``device`` fixture), operator and reference on the same one, which rounds float64 as the CPU does;
+argument checks, which compute nothing, run on the CPU.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ MODELS = {
 }
 
 
-def problem(model_name: str, kind: str, reduction: str, seed: int = 0):
-    """A float64 model, its loss function, and data in batches of unequal sizes."""
+def problem(model_name: str, kind: str, reduction: str, seed: int = 0, device: torch.device | str = "cpu"):
+    """A float64 model, its loss function, and data in batches of unequal sizes, drawn on the CPU
+    from ``seed`` and moved to ``device``."""
     torch.manual_seed(seed)
     build, input_shape = MODELS[model_name]
     model = build().double()
@@ -73,6 +76,7 @@ def problem(model_name: str, kind: str, reduction: str, seed: int = 0):
     else:
         targets = torch.randn(output_shape, dtype=torch.float64)
         loss_function = nn.MSELoss(reduction=reduction)
+    model, inputs, targets = model.to(device), inputs.to(device), targets.to(device)
     data = list(zip(inputs.split(SIZES), targets.split(SIZES)))
     return model, loss_function, data, inputs, targets
 
@@ -151,29 +155,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("kind,reduction", LOSSES)
 @pytest.mark.parametrize("model_name", ["mlp", "conv", "batch_norm"])
 @pytest.mark.parametrize("name", OPERATORS)
-def test_operator_matches_dense_reference(name, model_name, kind, reduction):
-    model, loss_function, data, inputs, targets = problem(model_name, kind, reduction)
+def test_operator_matches_dense_reference(name, model_name, kind, reduction, device):
+    model, loss_function, data, inputs, targets = problem(model_name, kind, reduction, device=device)
     operator = OPERATORS[name](model, loss_function, data)
     assert_close(operator.to_dense(), REFERENCES[name](model, loss_function, inputs, targets))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("name", OPERATORS)
-def test_sequence_outputs_cross_entropy(name, reduction):
+def test_sequence_outputs_cross_entropy(name, reduction, device):
     """Outputs ``(N, T, C)``: every position is a row, the mean runs over ``N·T`` rows."""
-    model, loss_function, data, inputs, targets = problem("sequence", "cross_entropy", reduction)
+    model, loss_function, data, inputs, targets = problem("sequence", "cross_entropy", reduction, device=device)
     operator = OPERATORS[name](model, loss_function, data)
     assert operator.rows == sum(SIZES) * 2
     assert_close(operator.to_dense(), REFERENCES[name](model, loss_function, inputs, targets))
 
 
 @pytest.mark.parametrize("name", OPERATORS)
-def test_attention_model(name):
+def test_attention_model(name, device):
     """A transformer (fused scaled-dot-product attention, which has no forward-mode derivative):
     the operators use the math kernel, the same function; so do the references."""
     torch.manual_seed(0)
-    model = CharGPT(5, context=4, width=4, layers=1, heads=2).double().eval()
-    inputs, targets = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
+    model = CharGPT(5, context=4, width=4, layers=1, heads=2).to(device, torch.float64).eval()
+    inputs, targets = torch.randint(0, 5, (3, 4)).to(device), torch.randint(0, 5, (3, 4)).to(device)
     data = [(inputs[:2], targets[:2]), (inputs[2:], targets[2:])]
     operator = OPERATORS[name](model, nn.CrossEntropyLoss(), data)
     with sdpa_kernel(SDPBackend.MATH):
@@ -181,11 +185,11 @@ def test_attention_model(name):
     assert_close(operator.to_dense(), expected)
 
 
-def test_ggn_equals_hessian_for_a_linear_model_with_mse():
+def test_ggn_equals_hessian_for_a_linear_model_with_mse(device):
     """A model linear in its parameters has no second-order network term: GGN = Hessian."""
     torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
-    data = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))]
+    model = nn.Linear(3, 2).to(device, torch.float64)
+    data = [(torch.randn(5, 3, dtype=torch.float64).to(device), torch.randn(5, 2, dtype=torch.float64).to(device))]
     loss_function = nn.MSELoss()
     assert_close(GGN(model, loss_function, data).to_dense(), Hessian(model, loss_function, data).to_dense())
 
@@ -194,12 +198,12 @@ def test_ggn_equals_hessian_for_a_linear_model_with_mse():
 
 
 @pytest.mark.parametrize("name", OPERATORS)
-def test_flat_matrix_and_list_products_agree_with_dense(name):
-    model, loss_function, data, _, _ = problem("mlp", "cross_entropy", "mean")
+def test_flat_matrix_and_list_products_agree_with_dense(name, device):
+    model, loss_function, data, _, _ = problem("mlp", "cross_entropy", "mean", device=device)
     operator = OPERATORS[name](model, loss_function, data)
     dense = operator.to_dense()
     generator = torch.Generator().manual_seed(1)
-    columns = torch.randn(operator.dim, 5, dtype=torch.float64, generator=generator)
+    columns = torch.randn(operator.dim, 5, dtype=torch.float64, generator=generator).to(device)
     assert_close(operator @ columns, dense @ columns)
     assert_close(operator @ columns[:, 0], dense @ columns[:, 0])
     as_list = operator.unflatten(columns[:, :1])
@@ -210,23 +214,23 @@ def test_flat_matrix_and_list_products_agree_with_dense(name):
 
 
 @pytest.mark.parametrize("name", OPERATORS)
-def test_parameter_subset_is_the_matching_block(name):
+def test_parameter_subset_is_the_matching_block(name, device):
     """Parameters left out are held fixed: the operator is the sub-block of the full matrix."""
-    model, loss_function, data, _, _ = problem("mlp", "mse", "mean")
+    model, loss_function, data, _, _ = problem("mlp", "mse", "mean", device=device)
     full = OPERATORS[name](model, loss_function, data).to_dense()
     subset = [model[2].weight, model[0].bias]
     block = OPERATORS[name](model, loss_function, data, params=subset).to_dense()
     offsets = {}
     start = 0
     for p in model.parameters():
-        offsets[id(p)] = torch.arange(start, start + p.numel())
+        offsets[id(p)] = torch.arange(start, start + p.numel(), device=device)
         start += p.numel()
     index = torch.cat([offsets[id(p)] for p in subset])
     assert_close(block, full[index][:, index])
 
 
-def test_model_mode_and_buffers_are_left_alone():
-    model, loss_function, data, _, _ = problem("batch_norm", "cross_entropy", "mean")
+def test_model_mode_and_buffers_are_left_alone(device):
+    model, loss_function, data, _, _ = problem("batch_norm", "cross_entropy", "mean", device=device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     Hessian(model, loss_function, data).to_dense()
     assert not model.training

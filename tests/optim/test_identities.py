@@ -1,6 +1,8 @@
 """SOAP, EigenvalueCorrectedShampoo and Shampoo against independent references: identities with
 torch's diagonal optimizers, the Shampoo step against a dense computation, and the eigenbasis
-refresh."""
+refresh. Each runs on every device (the ``device`` fixture), the reference on the same device; the
+float64 tolerances hold on CUDA as on the CPU, both devices rounding each float64 operation to
+~1e-16."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- identities with torch's diagonal optimizers -----------------------------------------------
 
 
-def test_soap_with_identity_basis_is_adam_one_step_later():
-    model = make_model(dtype=torch.float64)
+def test_soap_with_identity_basis_is_adam_one_step_later(device):
+    model = make_model(dtype=torch.float64, device=device)
     ref = copy.deepcopy(model)
     soap = SOAP(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-16, weight_decay=0.0, max_precond_dim=0)
     adam = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-16)
@@ -45,7 +47,7 @@ def test_soap_with_identity_basis_is_adam_one_step_later():
             # by ≤ lr·ε·(1/sqrt(1−β2ᵗ) − 1)/sqrt(v̂) ≈ 1e-2·1e-16·9/1e-4 ≈ 1e-13 (smallest |g|
             # ≈ 1e-4, and less once v̂ grows), plus float64 round-off (~1e-16)
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    assert not torch.equal(model.inp.weight, make_model(dtype=torch.float64).inp.weight)
+    assert not torch.equal(model.inp.weight, make_model(dtype=torch.float64, device=device).inp.weight)
 
 
 def assert_same_trajectory(model, optimizer, ref, ref_optimizer, steps, rtol, atol):
@@ -59,8 +61,8 @@ def assert_same_trajectory(model, optimizer, ref, ref_optimizer, steps, rtol, at
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-def test_soap_with_identity_basis_and_update_first_step_is_adam():
-    model = make_model(dtype=torch.float64)
+def test_soap_with_identity_basis_and_update_first_step_is_adam(device):
+    model = make_model(dtype=torch.float64, device=device)
     ref = copy.deepcopy(model)
     soap = SOAP(
         model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-16, weight_decay=0.0, max_precond_dim=0,
@@ -89,11 +91,11 @@ def _soap_diagonal_loop(params, grads, lr, betas, eps, wd, decay_first=False):
     return params
 
 
-def test_soap_weight_decay_is_applied_after_the_update():
+def test_soap_weight_decay_is_applied_after_the_update(device):
     shapes = [(5, 4), (4,)]
-    grads = fixed_grads(shapes, 12)
+    grads = fixed_grads(shapes, 12, device=device)
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    params = [nn.Parameter(torch.randn(s, dtype=torch.float64).to(device)) for s in shapes]
     start = [p.detach().clone() for p in params]
     settings = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5)
     opt = SOAP(params, max_precond_dim=0, update_first_step=True, **settings)
@@ -110,8 +112,8 @@ def test_soap_weight_decay_is_applied_after_the_update():
         assert (p.detach() - w).abs().max() > 1e-5
 
 
-def test_ecs_before_its_first_refresh_is_adam():
-    model = make_model(dtype=torch.float64)
+def test_ecs_before_its_first_refresh_is_adam(device):
+    model = make_model(dtype=torch.float64, device=device)
     ref = copy.deepcopy(model)
     ecs = EigenvalueCorrectedShampoo(
         model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, precondition_frequency=1000, merge_dims=False
@@ -142,9 +144,9 @@ GRAFTING_CASES = {
 
 
 @pytest.mark.parametrize("grafting", list(GRAFTING_CASES))
-def test_shampoo_before_start_preconditioning_step_is_its_grafted_method(grafting):
+def test_shampoo_before_start_preconditioning_step_is_its_grafted_method(grafting, device):
     kwargs, torch_optimizer = GRAFTING_CASES[grafting]
-    model = make_model(dtype=torch.float64)
+    model = make_model(dtype=torch.float64, device=device)
     ref = copy.deepcopy(model)
     shampoo = Shampoo(
         model.parameters(), lr=1e-2, precondition_frequency=100, start_preconditioning_step=100, merge_dims=False,
@@ -165,11 +167,11 @@ def _dense_inverse_root(a, p, eps):
 
 
 @pytest.mark.parametrize("root_method", ["eigh", "newton"])
-def test_shampoo_first_step_matches_dense_inverse_fourth_roots(root_method):
+def test_shampoo_first_step_matches_dense_inverse_fourth_roots(root_method, device):
     torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    w = nn.Parameter(torch.randn(5, 4, dtype=torch.float64).to(device))
     start = w.detach().clone()
-    g = torch.randn(5, 4, dtype=torch.float64)
+    g = torch.randn(5, 4, dtype=torch.float64).to(device)
     lr, eps = 0.1, 1e-3
     opt = Shampoo(
         [w], lr=lr, betas=(0.0, 1.0), epsilon=eps, precondition_frequency=1, start_preconditioning_step=1,
@@ -177,10 +179,10 @@ def test_shampoo_first_step_matches_dense_inverse_fourth_roots(root_method):
     )
     w.grad = g.clone()
     opt.step()
-    gn = g.numpy()
+    gn = g.cpu().numpy()
     left = _dense_inverse_root(gn @ gn.T, 4, eps)
     right = _dense_inverse_root(gn.T @ gn, 4, eps)
-    expected = start - lr * torch.from_numpy(left @ gn @ right)
+    expected = start - lr * torch.from_numpy(left @ gn @ right).to(device)
     # eigh: both sides are float64 eigendecompositions of the same 5×5 / 4×4 matrices (κ ≤ 1e4
     # with ε = 1e-3), agreeing to ~1e-12. Newton stops at max|M − I| < 1e-6, so X carries a
     # relative error of about 1e-6/p.
@@ -189,13 +191,13 @@ def test_shampoo_first_step_matches_dense_inverse_fourth_roots(root_method):
     assert opt.total_refreshes() == 2
 
 
-def test_shampoo_without_accumulation_is_orthogonalisation():
+def test_shampoo_without_accumulation_is_orthogonalisation(device):
     """β2 = 0, ε = 0: (GGᵀ)^(-1/4) G (GᵀG)^(-1/4) = U Vᵀ for G = U S Vᵀ (docs/algorithms.md §5)."""
     g = torch.Generator().manual_seed(3)
     u, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
-    grad = u @ torch.diag(torch.linspace(1.0, 3.0, 6, dtype=torch.float64)) @ v.T  # κ = 3
-    w = nn.Parameter(torch.zeros(6, 6, dtype=torch.float64))
+    grad = (u @ torch.diag(torch.linspace(1.0, 3.0, 6, dtype=torch.float64)) @ v.T).to(device)  # κ = 3
+    w = nn.Parameter(torch.zeros(6, 6, dtype=torch.float64, device=device))
     opt = Shampoo(
         [w], lr=1.0, betas=(0.0, 0.0), epsilon=0.0, precondition_frequency=1, start_preconditioning_step=1,
         grafting="none", merge_dims=False,
@@ -213,15 +215,17 @@ def test_shampoo_without_accumulation_is_orthogonalisation():
 # --- eigenvalue-corrected Shampoo: refresh -----------------------------------------------------
 
 
-def _single_matrix_run(shape=(5, 4), steps=4, **kwargs):
+def _single_matrix_run(shape=(5, 4), steps=4, device="cpu", **kwargs):
     torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    w = nn.Parameter(torch.randn(shape, dtype=torch.float64).to(device))
     opt = EigenvalueCorrectedShampoo([w], merge_dims=False, **kwargs)
-    return w, opt, fixed_grads([shape], steps, seed=1)
+    return w, opt, fixed_grads([shape], steps, seed=1, device=device)
 
 
-def test_ecs_eigh_refresh_diagonalises_the_factors():
-    w, opt, grads = _single_matrix_run(refresh="fixed", refresh_method="eigh", precondition_frequency=3, steps=6)
+def test_ecs_eigh_refresh_diagonalises_the_factors(device):
+    w, opt, grads = _single_matrix_run(
+        refresh="fixed", refresh_method="eigh", precondition_frequency=3, steps=6, device=device
+    )
     key = "group0/5x4:PP"
     for step, (g,) in enumerate(grads, start=1):
         w.grad = g
@@ -234,18 +238,18 @@ def test_ecs_eigh_refresh_diagonalises_the_factors():
             off = b - torch.diag(torch.diagonal(b))
             # float64 eigh: residual off-diagonal mass is round-off, ~1e-16 relative
             assert off.norm() / b.norm() < 1e-12
-            torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype), rtol=0, atol=1e-12)
-    assert torch.equal(opt.refresh_counts()[key], torch.tensor([[2, 2]]))
+            torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype, device=device), rtol=0, atol=1e-12)
+    assert torch.equal(opt.refresh_counts()[key].cpu(), torch.tensor([[2, 2]]))
 
 
-def test_ecs_refresh_transports_moments_into_the_new_basis():
+def test_ecs_refresh_transports_moments_into_the_new_basis(device):
     """eigenvalue_transport="rotate" (the library's earlier default, passed explicitly since the
     default became the authors' algorithm): at a refresh step (the second, so the old basis is not
     the identity) the update uses the old basis, then m is carried exactly and the corrected
     eigenvalues by (R ⊙ R)ᵀ, R = Q_oldᵀ Q_new."""
     lr, (b1, b2), eps = 1e-2, (0.9, 0.95), 1e-8
     w, opt, grads = _single_matrix_run(
-        lr=lr, betas=(b1, b2), eps=eps, precondition_frequency=2, steps=4, eigenvalue_transport="rotate"
+        lr=lr, betas=(b1, b2), eps=eps, precondition_frequency=2, steps=4, eigenvalue_transport="rotate", device=device
     )
     key = "group0/5x4:PP"
     for (g,) in grads[:3]:
@@ -281,7 +285,8 @@ def test_ecs_refresh_transports_moments_into_the_new_basis():
 
 
 def _ecs_refreshes(grads, shapes, **kwargs):
-    params = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    device = grads[0][0].device
+    params = [nn.Parameter(torch.zeros(s, dtype=torch.float64, device=device)) for s in shapes]
     opt = EigenvalueCorrectedShampoo(params, lr=1e-2, merge_dims=False, precondition_frequency=2, **kwargs)
     for gs in grads:
         for p, g in zip(params, gs):
@@ -296,12 +301,15 @@ def _ecs_refreshes(grads, shapes, **kwargs):
 # ρ ≤ 0.01 on this drift, so τ = 0.01 refreshes as often as τ = 0 (counts 60, 60, 53, 4, 0).
 # Its adaptivity at a coarser tolerance is checked in test_ecs_reference.py.
 @pytest.mark.parametrize("method, transport", [("eigh", "keep"), ("eigh", "rotate"), ("qr", "rotate")])
-def test_ecs_adaptive_refresh_count_falls_as_tolerance_grows(method, transport):
+def test_ecs_adaptive_refresh_count_falls_as_tolerance_grows(method, transport, device):
     shapes = [(6, 4), (5, 5)]
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     # a slowly drifting gradient: factors keep changing a little, as in training
-    grads = [[b + 0.3 * torch.randn(b.shape, generator=g, dtype=torch.float64) for b in base] for _ in range(30)]
+    def drifted() -> list[torch.Tensor]:
+        return [(b + 0.3 * torch.randn(b.shape, generator=g, dtype=torch.float64)).to(device) for b in base]
+
+    grads = [drifted() for _ in range(30)]
     counts = []
     for tolerance in [0.0, 0.01, 0.1, 0.5, 1.0]:
         opt = _ecs_refreshes(grads, shapes, refresh="adaptive", tolerance=tolerance, refresh_method=method,
@@ -315,7 +323,7 @@ def test_ecs_adaptive_refresh_count_falls_as_tolerance_grows(method, transport):
     assert counts[1] < counts[0] and counts[3] < counts[1], counts  # the policy actually adapts
 
 
-def test_ecs_refresh_counts_are_per_factor():
+def test_ecs_refresh_counts_are_per_factor(device):
     """G = r eᵀ₁: the right factor is diagonal in the identity basis and never goes stale, the
     left factor changes every step."""
     g = torch.Generator().manual_seed(0)
@@ -323,7 +331,7 @@ def test_ecs_refresh_counts_are_per_factor():
     for _ in range(12):
         grad = torch.zeros(6, 4, dtype=torch.float64)
         grad[:, 0] = torch.randn(6, generator=g, dtype=torch.float64)
-        grads.append([grad, torch.randn(3, 3, generator=g, dtype=torch.float64)])
+        grads.append([grad.to(device), torch.randn(3, 3, generator=g, dtype=torch.float64).to(device)])
     opt = _ecs_refreshes(grads, [(6, 4), (3, 3)], refresh="adaptive", tolerance=0.01)
     counts = opt.refresh_counts()
     assert set(counts) == {"group0/6x4:PP", "group0/3x3:PP"}
@@ -333,11 +341,11 @@ def test_ecs_refresh_counts_are_per_factor():
     assert opt.total_refreshes() == sum(int(c.sum()) for c in counts.values())
 
 
-def test_ecs_qr_refresh_reduces_staleness():
+def test_ecs_qr_refresh_reduces_staleness(device):
     from conditioner.linalg.tracking import dense_staleness
 
     w, opt, grads = _single_matrix_run(refresh="fixed", refresh_method="qr", max_qr_iterations=5,
-                                       precondition_frequency=2, steps=2)
+                                       precondition_frequency=2, steps=2, device=device)
     key = "group0/5x4:PP"
     w.grad = grads[0][0]
     opt.step()
@@ -351,5 +359,5 @@ def test_ecs_qr_refresh_reduces_staleness():
         assert before > 0.05 and after < 0.5 * before, (d, before, after)
         q = basis[0]
         # Householder QR in float64: orthogonal to round-off
-        torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype), rtol=0, atol=1e-12)
-    assert torch.equal(opt.refresh_counts()[key], torch.tensor([[1, 1]]))
+        torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype, device=device), rtol=0, atol=1e-12)
+    assert torch.equal(opt.refresh_counts()[key].cpu(), torch.tensor([[1, 1]]))

@@ -15,6 +15,9 @@ right while the product stays within ``max_precond_dim`` (a conv kernel [64, 3, 
 1728 dimension, a small matrix one vector), after reading a 4-D gradient as [out, in, h, w] from
 [out, h, w, in] with ``data_format="channels_last"``; every merged dimension within
 ``max_precond_dim`` has a factor, even when the merge leaves one dimension.
+
+The comparisons run on every device (the ``device`` fixture): the reference and the library run on
+the same one, in float64, so they differ by that device's round-off only.
 """
 
 from __future__ import annotations
@@ -92,7 +95,10 @@ class ReferenceSOAP:
                 st["m"] = torch.zeros_like(g)
                 st["v"] = torch.zeros_like(g)
                 eligible = p.grad.ndim > 1
-                st["GG"] = [torch.zeros(d, d, dtype=g.dtype) if eligible and d <= self.max_dim else None for d in g.shape]
+                st["GG"] = [
+                    torch.zeros(d, d, dtype=g.dtype, device=g.device) if eligible and d <= self.max_dim else None
+                    for d in g.shape
+                ]
                 self._update_factors(g, st)
                 st["Q"] = [None if f is None else self._eigh_desc(f) for f in st["GG"]]
                 continue
@@ -144,30 +150,31 @@ class Net(nn.Module):
         return self.fc2(torch.tanh(self.fc1(h))) * self.scale + self.wide(z)[:, :3]
 
 
-def _run(make_optimizer, steps=33):
+def _run(make_optimizer, steps=33, device="cpu"):
     torch.manual_seed(0)
-    net = Net().double()
+    net = Net().to(device, torch.float64)
     opt = make_optimizer(net.parameters())
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(16, 2, 6, 6, generator=data, dtype=torch.float64)
-        z = torch.randn(16, 40, generator=data, dtype=torch.float64)
-        y = torch.randn(16, 3, generator=data, dtype=torch.float64)
+        x = torch.randn(16, 2, 6, 6, generator=data, dtype=torch.float64).to(device)
+        z = torch.randn(16, 40, generator=data, dtype=torch.float64).to(device)
+        y = torch.randn(16, 3, generator=data, dtype=torch.float64).to(device)
         net.zero_grad()
         ((net(x, z) - y) ** 2).mean().backward()
         opt.step()
     return net, opt
 
 
-def test_soap_matches_float64_reference_over_33_steps_with_three_refreshes():
+def test_soap_matches_float64_reference_over_33_steps_with_three_refreshes(device):
     settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    ours, opt = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, **settings))
-    reference, _ = _run(
-        lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, **settings)
-    )
+    ours, opt = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, **settings), device=device)
+    reference, _ = _run(lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, **settings), device=device)
     for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
         # Both run in float64; the only differences are summation order (tensordot vs batched
-        # matmul, column-sum vs explicit QᵀFQ for the sort), far below 1e-9 over 33 steps.
+        # matmul, column-sum vs explicit QᵀFQ for the sort), far below 1e-9 over 33 steps. On
+        # CUDA, cuBLAS / cuSOLVER round to float64 as LAPACK does (~1e-16 per operation), and the
+        # eigenbases' column signs, which may differ between a batched and a single eigh, cancel
+        # (SOAP projects the gradient and projects the update back with the same basis).
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"parameter {name} differs")
     counts = opt.refresh_counts()
     # 32 updating steps after the initial one, frequency 10: refreshes at t = 10, 20, 30.
@@ -187,11 +194,16 @@ def test_reference_detects_a_port_that_forgets_to_permute_the_second_moment(monk
     assert worst > 1e-6
 
 
-def test_soap_with_normalize_grads_matches_the_reference():
+def test_soap_with_normalize_grads_matches_the_reference(device):
     settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    ours, _ = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, normalize_grads=True, **settings))
-    reference, _ = _run(lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, normalize_grads=True, **settings))
-    plain, _ = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, **settings))
+    ours, _ = _run(
+        lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, normalize_grads=True, **settings),
+        device=device,
+    )
+    reference, _ = _run(
+        lambda p: ReferenceSOAP(p, frequency=10, max_dim=32, normalize_grads=True, **settings), device=device
+    )
+    plain, _ = _run(lambda p: SOAP(p, precondition_frequency=10, max_precond_dim=32, **settings), device=device)
     for (name, a), b, c in zip(ours.named_parameters(), reference.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"parameter {name} differs")
         assert (a - c).abs().max() > 1e-3, name  # normalising changes every parameter's steps
@@ -209,26 +221,31 @@ MERGE_CASES = [
 ]
 
 
-def _run_fixed(make_optimizer, steps=25):
+def _run_fixed(make_optimizer, steps=25, device="cpu"):
     """Gradients drawn independently of the parameters (float64), so that only the update rule is
     compared; every factor a merge leaves with two or more dimensions is full rank."""
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape, _ in MERGE_CASES]
+    params = [nn.Parameter(torch.randn(shape, dtype=torch.float64).to(device)) for shape, _ in MERGE_CASES]
     optimizers = [make_optimizer([p], data_format) for p, (_, data_format) in zip(params, MERGE_CASES)]
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p, opt in zip(params, optimizers):
-            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(device)
             opt.step()
     return params
 
 
-def test_soap_merge_dims_and_data_format_match_the_reference():
+def test_soap_merge_dims_and_data_format_match_the_reference(device):
     settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, normalize_grads=True, merge_dims=True)
-    ours = _run_fixed(lambda p, f: SOAP(p, precondition_frequency=4, max_precond_dim=8, data_format=f, **settings))
-    reference = _run_fixed(lambda p, f: ReferenceSOAP(p, frequency=4, max_dim=8, data_format=f, **settings))
+    ours = _run_fixed(
+        lambda p, f: SOAP(p, precondition_frequency=4, max_precond_dim=8, data_format=f, **settings), device=device
+    )
+    reference = _run_fixed(
+        lambda p, f: ReferenceSOAP(p, frequency=4, max_dim=8, data_format=f, **settings), device=device
+    )
     for (shape, data_format), a, b in zip(MERGE_CASES, ours, reference):
         # float64 on both sides: summation order only (see above); a vector's first factor has
-        # rank one, but both sides decompose bit-identical outer products the same way
+        # rank one, but both sides decompose bit-identical outer products (one exact product per
+        # entry) with the same device's eigh, the same way
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"{shape} {data_format} differs")
     assert [reference_merge(s, 8) for s, _ in MERGE_CASES[:2]] == [[8, 8], [4, 4, 4]]

@@ -1,6 +1,7 @@
 """SOAP, EigenvalueCorrectedShampoo and Shampoo under the torch.optim contract: param groups,
 schedulers, closures, missing gradients, state dicts, dtypes, the NaN/Inf policy, argument checks,
-and training a small classifier."""
+and training a small classifier. Every check that computes runs on every device (the ``device``
+fixture); argument checks, which compute nothing, run on the CPU."""
 
 from __future__ import annotations
 
@@ -32,15 +33,15 @@ from conditioner import SOAP, NonFiniteGradientError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def classifier(dtype, seed=0, d=8, hidden=32, classes=4):
-    return tanh_mlp((d, hidden, hidden, classes), seed, dtype)
+def classifier(dtype, seed=0, d=8, hidden=32, classes=4, device="cpu"):
+    return tanh_mlp((d, hidden, hidden, classes), seed, dtype, device)
 
 # --- the torch.optim contract, for all three ---------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_param_groups_with_their_own_lr(name):
-    model = make_model()
+def test_param_groups_with_their_own_lr(name, device):
+    model = make_model(device=device)
     frozen = params_of(model.inp)
     opt = FACTORIES[name](
         [
@@ -58,13 +59,13 @@ def test_param_groups_with_their_own_lr(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_lr_scheduler_scales_the_step(name):
+def test_lr_scheduler_scales_the_step(name, device):
     shapes = [(5, 4), (4,)]
-    grads = fixed_grads(shapes, 8)
+    grads = fixed_grads(shapes, 8, device=device)
     deltas = []
     for use_scheduler in (False, True):
         torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+        params = [nn.Parameter(torch.randn(s, dtype=torch.float64).to(device)) for s in shapes]
         opt = FACTORIES[name](params, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.1) if use_scheduler else None
         run = []
@@ -90,8 +91,8 @@ def test_lr_scheduler_scales_the_step(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_zero_grad_then_step_changes_nothing(name):
-    model = make_model()
+def test_zero_grad_then_step_changes_nothing(name, device):
+    model = make_model(device=device)
     opt = FACTORIES[name](model.parameters())
     train(model, opt, 4)
     mse(model, 99).backward()
@@ -104,8 +105,8 @@ def test_zero_grad_then_step_changes_nothing(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_closure_is_called_and_its_loss_returned(name):
-    model = make_model()
+def test_closure_is_called_and_its_loss_returned(name, device):
+    model = make_model(device=device)
     twin = copy.deepcopy(model)
     opt, twin_opt = FACTORIES[name](model.parameters()), FACTORIES[name](twin.parameters())
     for i in range(5):
@@ -130,10 +131,10 @@ def test_closure_is_called_and_its_loss_returned(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_missing_gradients_in_a_shared_stack(name):
+def test_missing_gradients_in_a_shared_stack(name, device):
     """``a`` and ``b`` share stacks; ``b`` gets no gradient for a while, later ``a`` none. The
     shared optimizer must move each exactly as optimizers that hold one layer each."""
-    model = make_model(dtype=torch.float64)
+    model = make_model(dtype=torch.float64, device=device)
     twin = copy.deepcopy(model)
     opt = FACTORIES[name](model.parameters(), lr=3e-2)
     solo = [FACTORIES[name](m.parameters(), lr=3e-2) for m in (twin.inp, twin.a, twin.b, twin.out)]
@@ -163,7 +164,7 @@ def test_missing_gradients_in_a_shared_stack(name):
         for x, y in zip(model.parameters(), twin.parameters()):
             # float64; batched vs single-block products round differently (~1e-16 per step)
             torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-12)
-    assert not torch.equal(model.b.weight, make_model(dtype=torch.float64).b.weight)
+    assert not torch.equal(model.b.weight, make_model(dtype=torch.float64, device=device).b.weight)
 
 
 def _save(opt, how):
@@ -177,15 +178,15 @@ def _save(opt, how):
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip_is_bit_identical(name, how):
-    model = make_model()
+def test_state_dict_round_trip_is_bit_identical(name, how, device):
+    model = make_model(device=device)
     opt = FACTORIES[name](model.parameters())
     train(model, opt, 4)
     saved_params = copy.deepcopy(model.state_dict())
     saved = _save(opt, how)
     train(model, opt, 6, start=4)  # uninterrupted, crosses two more refreshes
 
-    resumed = make_model(seed=123)
+    resumed = make_model(seed=123, device=device)
     resumed.load_state_dict(saved_params)
     resumed_opt = FACTORIES[name](resumed.parameters())
     resumed_opt.load_state_dict(saved)
@@ -196,11 +197,11 @@ def test_state_dict_round_trip_is_bit_identical(name, how):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip_with_a_parameter_that_never_gets_a_gradient(name):
+def test_state_dict_round_trip_with_a_parameter_that_never_gets_a_gradient(name, device):
     """A parameter that never gets a gradient (an unused head, a conditional branch; here a
     Linear(7, 2) whose stacks no other parameter shares) must not make the state dict unloadable."""
-    model = make_model(d_in=4, hidden=6)
-    unused = nn.Linear(7, 2)
+    model = make_model(d_in=4, hidden=6, device=device)
+    unused = nn.Linear(7, 2).to(device)
     params = list(model.parameters()) + list(unused.parameters())
     opt = FACTORIES[name](params)
     train(model, opt, 4)
@@ -213,10 +214,10 @@ def test_state_dict_round_trip_with_a_parameter_that_never_gets_a_gradient(name)
 
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("name", NAMES)
-def test_a_copied_optimizer_continues_like_the_original(name, copier):
+def test_a_copied_optimizer_continues_like_the_original(name, copier, device):
     """copy.deepcopy / pickle of a whole optimizer (done by checkpointing and averaging tools)
     must keep everything the optimizer needs to step, not only defaults, state and param_groups."""
-    model = make_model()
+    model = make_model(device=device)
     opt = FACTORIES[name](model.parameters(), nonfinite="skip")
     train(model, opt, 4)
     if copier == "deepcopy":
@@ -250,9 +251,9 @@ def test_loading_a_state_dict_of_another_shape_raises(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_parameters_train_with_float32_state(name):
-    x, y = teacher_classification(dtype=torch.bfloat16)
-    model = classifier(torch.bfloat16)
+def test_bfloat16_parameters_train_with_float32_state(name, device):
+    x, y = teacher_classification(dtype=torch.bfloat16, device=device)
+    model = classifier(torch.bfloat16, device=device)
     opt = FACTORIES[name](model.parameters(), lr=1e-2)
     losses = []
     for _ in range(40):
@@ -268,8 +269,8 @@ def test_bfloat16_parameters_train_with_float32_state(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_float64_parameters_get_float64_state(name):
-    model = make_model(dtype=torch.float64)
+def test_float64_parameters_get_float64_state(name, device):
+    model = make_model(dtype=torch.float64, device=device)
     opt = FACTORIES[name](model.parameters())
     train(model, opt, 5)
     state = floating_state(opt)
@@ -301,13 +302,13 @@ def _poisoned_step(model, i, value):
 @pytest.mark.parametrize("when", ["first", "later", "refresh"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("name", NAMES)
-def test_non_finite_gradient_raises_and_changes_nothing(name, value, when):
-    model = make_model()
+def test_non_finite_gradient_raises_and_changes_nothing(name, value, when, device):
+    model = make_model(device=device)
     opt = FACTORIES[name](model.parameters())
     done = {"first": 0, "later": 2, "refresh": REFRESH_AFTER[name]}[when]
     train(model, opt, done)
     if when == "refresh":  # check that the next step really is a refresh
-        probe_model = make_model()
+        probe_model = make_model(device=device)
         probe = FACTORIES[name](probe_model.parameters())
         train(probe_model, probe, done)
         before_count = probe.total_refreshes()
@@ -323,11 +324,11 @@ def test_non_finite_gradient_raises_and_changes_nothing(name, value, when):
 
 @pytest.mark.parametrize("when", ["first", "refresh"])
 @pytest.mark.parametrize("name", NAMES)
-def test_non_finite_gradient_with_skip_policy_is_a_skipped_step(name, when):
+def test_non_finite_gradient_with_skip_policy_is_a_skipped_step(name, when, device):
     """With nonfinite='skip' a bad step is skipped without a trace: the run that saw it and went
     on is bit-identical to one that never saw it."""
     done = {"first": 0, "refresh": REFRESH_AFTER[name]}[when]
-    model = make_model()
+    model = make_model(device=device)
     clean = copy.deepcopy(model)
     opt = FACTORIES[name](model.parameters(), nonfinite="skip")
     clean_opt = FACTORIES[name](clean.parameters(), nonfinite="skip")
@@ -345,8 +346,8 @@ def test_non_finite_gradient_with_skip_policy_is_a_skipped_step(name, when):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_saved_after_a_refused_first_step_loads(name):
-    model = make_model()
+def test_state_dict_saved_after_a_refused_first_step_loads(name, device):
+    model = make_model(device=device)
     opt = FACTORIES[name](model.parameters())
     _poisoned_step(model, 0, float("nan"))
     with pytest.raises(NonFiniteGradientError):
@@ -419,13 +420,13 @@ TRAINING = {
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_small_classifier_learns(name):
-    x, y = teacher_classification(n=512)
-    model = classifier(torch.float32)
+def test_a_small_classifier_learns(name, device):
+    x, y = teacher_classification(n=512, device=device)
+    model = classifier(torch.float32, device=device)
     opt = FACTORIES[name](model.parameters(), **TRAINING[name])
     losses = []
     for step in range(150):
-        idx = torch.arange(step * 64, step * 64 + 64) % x.shape[0]
+        idx = torch.arange(step * 64, step * 64 + 64, device=device) % x.shape[0]
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
