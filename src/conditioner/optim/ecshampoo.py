@@ -69,7 +69,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     kept apart (a conv kernel becomes ``[out, in·kh·kw]``; SOAP's ``merge_dims`` is the SOAP
     reference's rule, which merges the leading dimension too); 1-D parameters get Adam.
     ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
-    In 4-bit mode a large factor's eigenbasis is tracked by one QR step on every step, and a
+    In 4-bit mode a large factor's eigenbasis is tracked by one QR step every T1 steps, and a
     refresh adopts it (``refresh_method`` and ``max_qr_iterations`` apply to the small factors);
     under ``"keep"`` the tracking runs before the step's update on a refresh step, which then
     uses the adopted basis; that basis keeps the tracking's descending column order (reversing
