@@ -446,7 +446,11 @@ class StackedOptimizer(torch.optim.Optimizer):
                 for k, (unfolded, beta) in folds.items():
                     fold_in_(stored[k], unfolded, beta)
             else:
-                folded = {k: fold_in(entries[k], unfolded, beta) for k, (unfolded, beta) in folds.items()}
+                # a kernel hands back only what it changed: a factor it only folds is read here
+                folded = {
+                    k: fold_in(entries[k] if k in entries else item.source[k], unfolded, beta)
+                    for k, (unfolded, beta) in folds.items()
+                }
                 index = torch.tensor(item.members)
                 for k, v in {**entries, **folded}.items():
                     full = stored.get(k)
