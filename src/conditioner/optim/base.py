@@ -54,7 +54,7 @@ from conditioner.checks import (
 )
 from conditioner.distributed.sharded import UpdateBuffers, full_tensor, local_tensor
 from conditioner.optim.kronecker import fold_in, fold_in_
-from conditioner.optim.precision import Decoded, decode, encode, stored_form
+from conditioner.optim.precision import Decoded, StoredState, decode, encode, stored_form
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class _Pending:
     group: dict[str, Any]
     members: list[int]
     result: StackResult
-    decoded: Decoded = field(default_factory=dict)
+    #: the state the kernel read (decoded on demand); a kernel hands back only what it changed
+    source: StoredState | None = None
 
 
 #: Checks of the hyperparameters every stacked optimizer has; subclasses add their own.
@@ -380,9 +381,9 @@ class StackedOptimizer(torch.optim.Optimizer):
             stored = self.state.get(key, {})
             step = stored.get("step", [0] * len(stack.blocks))[members[0]]
             old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
-            working, decoded = decode(old, grad.dtype)
+            working = StoredState(old, grad.dtype)
             result = self.stack_step(group, stack, working, grad, step)
-            pending.append(_Pending(key, stack, group, members, result, decoded))
+            pending.append(_Pending(key, stack, group, members, result, working))
         return pending
 
     @staticmethod
@@ -399,27 +400,35 @@ class StackedOptimizer(torch.optim.Optimizer):
         """The entries to store for a kernel's result, and the folds still to apply in place.
 
         A fold goes in place only into a tensor stored as it is; any other is folded into the
-        working tensor first and then encoded. A working tensor the kernel handed back unchanged
-        keeps the entries it was decoded from, so that a stored basis is not quantised again.
+        working tensor first and then encoded. A working tensor the kernel handed back unchanged,
+        under its own key or another (a 4-bit basis adopting a tracked eigenbasis), keeps the
+        entries it was decoded from, so that a stored basis is not quantised again; a new tensor
+        stored under two keys is encoded once.
         """
         precision = item.group.get("state_precision", "full")
         result = item.result
         if precision == "full":
             return result.state, result.folds
         working = dict(result.state)
+        decoded: Decoded = {} if item.source is None else item.source.decoded
         in_place = {}
         for k, (unfolded, beta) in result.folds.items():
-            if stored_form(self.state_role(k), precision, working[k]) == "as-is" and k not in item.decoded:
+            target = working[k] if k in working else item.source[k]
+            if stored_form(self.state_role(k), precision, target) == "as-is" and k not in decoded:
                 in_place[k] = (unfolded, beta)
             else:
-                working[k] = fold_in(working[k], unfolded, beta)
+                working[k] = fold_in(target, unfolded, beta)
+        sources = {
+            (id(v), stored_form(self.state_role(name), precision, v)): (name, stored)
+            for name, (v, stored) in decoded.items()
+        }
         entries: dict[str, torch.Tensor] = {}
         for k, v in working.items():
-            source = item.decoded.get(k)
-            if source is not None and source[0] is v:
-                entries.update(source[1])
-            else:
-                entries.update(encode(k, v, stored_form(self.state_role(k), precision, v)))
+            form = stored_form(self.state_role(k), precision, v)
+            if (id(v), form) not in sources:
+                sources[id(v), form] = (k, encode(k, v, form))
+            name, stored = sources[id(v), form]
+            entries.update({k + entry[len(name) :]: value for entry, value in stored.items()})
         return entries, in_place
 
     def _commit(self, pending: list[_Pending], updates: list[Update]) -> None:
@@ -437,7 +446,11 @@ class StackedOptimizer(torch.optim.Optimizer):
                 for k, (unfolded, beta) in folds.items():
                     fold_in_(stored[k], unfolded, beta)
             else:
-                folded = {k: fold_in(entries[k], unfolded, beta) for k, (unfolded, beta) in folds.items()}
+                # a kernel hands back only what it changed: a factor it only folds is read here
+                folded = {
+                    k: fold_in(entries[k] if k in entries else item.source[k], unfolded, beta)
+                    for k, (unfolded, beta) in folds.items()
+                }
                 index = torch.tensor(item.members)
                 for k, v in {**entries, **folded}.items():
                     full = stored.get(k)

@@ -9,6 +9,7 @@ import torch
 from conditioner.checks import choice, count, in_range
 from conditioner.linalg import qr_algorithm, qr_refresh, safe_eigh, staleness
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules
+from conditioner.optim.precision import schedule
 
 REFRESH_POLICIES = ("fixed", "adaptive")
 REFRESH_METHODS = ("eigh", "qr")
@@ -68,7 +69,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     kept apart (a conv kernel becomes ``[out, in·kh·kw]``; SOAP's ``merge_dims`` is the SOAP
     reference's rule, which merges the leading dimension too); 1-D parameters get Adam.
     ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
-    In 4-bit mode a large factor's eigenbasis is tracked by one QR step on every step, and a
+    In 4-bit mode a large factor's eigenbasis is tracked by one QR step every T1 steps, and a
     refresh adopts it (``refresh_method`` and ``max_qr_iterations`` apply to the small factors);
     under ``"keep"`` the tracking runs before the step's update on a refresh step, which then
     uses the adopted basis; that basis keeps the tracking's descending column order (reversing
@@ -93,7 +94,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         shampoo_beta: float | None = None,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        precondition_frequency: int = 10,
+        precondition_frequency: int | None = None,
         refresh: str = "fixed",
         tolerance: float = 0.01,
         refresh_method: str = "eigh",
@@ -107,8 +108,12 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         correct_bias: bool = True,
         state_dtype: torch.dtype | None = None,
         state_precision: str = "full",
+        statistics_interval: int | None = None,
         nonfinite: str = "raise",
     ) -> None:
+        statistics_interval, precondition_frequency = schedule(
+            state_precision, statistics_interval, precondition_frequency, 10
+        )
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -131,6 +136,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             normalize_grads=False,
             state_dtype=state_dtype,
             state_precision=state_precision,
+            statistics_interval=statistics_interval,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

@@ -16,6 +16,8 @@ differ in the choices gathered in :class:`EigenAdamRules` (per group:
 from __future__ import annotations
 
 import math
+from collections import ChainMap
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,13 +26,9 @@ import torch
 
 from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
-from conditioner.linalg import (
-    Staleness,
-    descending_order,
-    qr_refresh,
-    safe_eigh,
-    staleness,
-)
+from conditioner.linalg import Staleness, descending_order, safe_eigh, staleness
+from conditioner.optim import eigenpairs
+from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
 from conditioner.optim.kronecker import (
     factor_key,
@@ -40,7 +38,7 @@ from conditioner.optim.kronecker import (
     transport_diagonal,
     unfold,
 )
-from conditioner.optim.precision import PRECISIONS, SMALL_MATRIX
+from conditioner.optim.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -72,30 +70,30 @@ def _basis_key(dim: int) -> str:
     return f"basis{dim}"
 
 
-def _eigenvalues_key(dim: int) -> str:
-    return f"eigenvalues{dim}"
-
-
-def _eigenbasis_key(dim: int) -> str:
-    return f"eigenbasis{dim}"
-
-
 class EigenAdam(StackedOptimizer):
     """Base of SOAP and EigenvalueCorrectedShampoo; use those classes.
+
+    Schedule: the factors take in the gradient every ``statistics_interval`` (T1) steps, only
+    the gradients of those steps (the others are not accumulated: the 4-bit Shampoo authors'
+    sampling); the first gradient initialises them. The bases are refreshed every
+    ``precondition_frequency`` (T2) steps, from the factors as they stand. Full and bfloat16
+    state default to T1 = 1 and the optimizer's own T2; ``"4bit"`` to the paper's T1 = 100,
+    T2 = 500 (:func:`conditioner.optim.precision.schedule`).
 
     ``state_precision``: ``"full"`` keeps every statistic in the statistics dtype;
     ``"bfloat16"`` stores the moments and the large factors and bases in bfloat16; ``"4bit"``
     stores the large bases 4-bit quantised and keeps each large factor only as its eigenpairs,
-    a 4-bit eigenbasis ``Q_f`` and float32 eigenvalues λ (4-bit Shampoo, docs/algorithms.md §4).
-    On every step the pair takes in the whole new statistic: ``F = Q_f diag(λ) Q_fᵀ`` is
-    rebuilt in float32, ``F ← β·F + (1 − β)·G Gᵀ``, ``Q_f`` takes one warm-started QR step
-    (columns sorted by ``diag(Q_fᵀ F Q_f)`` descending, ``qr(F Q_f)``) and λ becomes
-    ``diag(Q_fᵀ F Q_f)`` of the new ``Q_f``, sorted descending. The basis the gradients and
-    moments live in is a second 4-bit matrix, fixed between refreshes; a refresh makes it the
-    tracked ``Q_f`` (for the blocks the refresh policy moves: all, or the stale ones of the
-    adaptive policy), with the usual transport of the moments. Smaller factors (< 4096
-    elements) stay whole in float32 and are refreshed as in full precision. State saved in
-    another precision is converted on loading (:meth:`restate`: factor ↔ eigenpairs).
+    a 4-bit eigenbasis ``Q_f`` and float32 eigenvalues λ (4-bit Shampoo, docs/algorithms.md §4,
+    :mod:`conditioner.optim.eigenpairs`): a statistics step rectifies ``Q_f`` by one Björck
+    step, rebuilds ``F = Q_f diag(λ) Q_fᵀ``, folds the gradient in, takes one warm-started QR
+    step (columns sorted by ``diag(Q_fᵀ F Q_f)`` descending) and requantises. The basis the
+    gradients and moments live in is a second 4-bit matrix, fixed between refreshes; a refresh
+    makes it the tracked ``Q_f`` (its codes, for the blocks the refresh policy moves: all, or
+    the stale ones of the adaptive policy), with the usual transport of the moments. An
+    ordinary step dequantises that basis once and does no Björck step, QR or fold. Smaller
+    factors (< 4096 elements) stay whole in float32 and are refreshed as in full precision.
+    State saved in another precision is converted on loading (:meth:`restate`: factor ↔
+    eigenpairs).
     """
 
     rules: EigenAdamRules
@@ -108,6 +106,7 @@ class EigenAdam(StackedOptimizer):
         "update_first_step": flag,
         "normalize_grads": flag,
         "state_precision": choice(*PRECISIONS),
+        "statistics_interval": count(1),
     }
     state_roles = {
         "basis": "basis",
@@ -126,46 +125,11 @@ class EigenAdam(StackedOptimizer):
         beta = group["shampoo_beta"]
         return group["betas"][1] if beta is None or beta < 0 else beta
 
-    @staticmethod
-    def _paired_dims(group: dict[str, Any], stack: Stack) -> list[int]:
-        """Dims whose factor is kept as eigenpairs (4-bit state, large factors only)."""
-        if group.get("state_precision") != "4bit":
-            return []
-        return [d for d in stack.preconditioned_dims if stack.shape[d] ** 2 >= SMALL_MATRIX]
-
-    @staticmethod
-    def _factor(state: dict[str, torch.Tensor], dim: int) -> torch.Tensor:
-        """The factor of ``dim``: stored, or rebuilt from its eigenpairs as ``Q_f diag(λ) Q_fᵀ``."""
-        if factor_key(dim) in state:
-            return state[factor_key(dim)]
-        basis = state[_eigenbasis_key(dim)]
-        return torch.matmul(basis * state[_eigenvalues_key(dim)].unsqueeze(-2), basis.mT)
-
-    @staticmethod
-    def _track(state: dict[str, torch.Tensor], dim: int, factor: torch.Tensor) -> None:
-        """Move the eigenpairs of ``dim`` to ``factor`` (already holding the new gradient): one
-        warm-started QR step from the tracked eigenbasis, eigenvalues ``diag(Q_fᵀ F Q_f)`` sorted
-        descending with their columns."""
-        tracked = qr_refresh(factor, state[_eigenbasis_key(dim)], 0.0, 1)
-        state[_eigenbasis_key(dim)] = tracked.basis
-        state[_eigenvalues_key(dim)] = tracked.estimated_eigenvalues
-
     def restate(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Factors kept as eigenpairs under the group's precision (4-bit, large) from the whole
         factor by ``eigh``, as at a block's first step; whole factors from eigenpairs as
         ``Q_f diag(λ) Q_fᵀ``. Everything else is kept."""
-        state = dict(state)
-        paired = self._paired_dims(group, stack)
-        for d in stack.preconditioned_dims:
-            if d in paired and factor_key(d) in state:
-                factor = state.pop(factor_key(d))
-                eig = safe_eigh(factor)
-                state[_eigenbasis_key(d)] = eig.eigenvectors.to(factor.dtype)
-                state[_eigenvalues_key(d)] = eig.eigenvalues.to(factor.dtype)
-            elif d not in paired and _eigenvalues_key(d) in state:
-                state[factor_key(d)] = self._factor(state, d)
-                del state[_eigenbasis_key(d)], state[_eigenvalues_key(d)]
-        return state
+        return eigenpairs.restate_factors(state, stack.preconditioned_dims, paired_dims(group, stack))
 
     def stale_blocks(self, group: dict[str, Any], current: Staleness) -> torch.Tensor | None:
         """Which blocks a refresh moves, given the factors' staleness in their current bases
@@ -180,7 +144,7 @@ class EigenAdam(StackedOptimizer):
             "exp_avg_sq": torch.zeros_like(grad),
             "refreshes": torch.zeros(grad.shape[0], len(dims), dtype=torch.int64, device=grad.device),
         }
-        paired = self._paired_dims(group, stack)
+        paired = paired_dims(group, stack)
         initial_basis = self.rules_for(group).initial_basis
         for dim in dims:
             d = stack.shape[dim]
@@ -193,8 +157,8 @@ class EigenAdam(StackedOptimizer):
                 basis = torch.eye(d, dtype=grad.dtype, device=grad.device).expand_as(zeros).clone()
             state[_basis_key(dim)] = basis
             if dim in paired:
-                state[_eigenbasis_key(dim)] = eig.eigenvectors.to(grad.dtype)
-                state[_eigenvalues_key(dim)] = eig.eigenvalues.to(grad.dtype)
+                state[eigenbasis_key(dim)] = eig.eigenvectors.to(grad.dtype)
+                state[eigenvalues_key(dim)] = eig.eigenvalues.to(grad.dtype)
             else:
                 state[factor_key(dim)] = factor
         return state
@@ -203,27 +167,34 @@ class EigenAdam(StackedOptimizer):
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
     ) -> StackResult:
         dims = stack.preconditioned_dims
-        fold_gradient = True
         skip_first_update = not group["update_first_step"]
         if step == 0:
-            state = self._initial_state(group, stack, grad)
+            # the first gradient initialises the factors (and is then not folded in again)
+            new_state = ChainMap(self._initial_state(group, stack, grad), {})
             if skip_first_update:
-                return StackResult(state)
-            fold_gradient = False
+                return StackResult(new_state.maps[0])
+        else:
+            # entries are written to the first map only, and only those are handed back: an
+            # entry the step does not read (a 4-bit eigenbasis between statistics) stays encoded
+            new_state = ChainMap({}, state)
         t = step if skip_first_update else step + 1
+        fold_gradient = step > 0 and t % group["statistics_interval"] == 0
         beta1, beta2 = group["betas"]
         rules = self.rules_for(group)
         refresh = bool(dims) and t % group["precondition_frequency"] == 0
-        paired = self._paired_dims(group, stack)
+        paired = paired_dims(group, stack)
         beta = self._factor_beta(group)
-        new_state = dict(state)
-        factors = {d: self._factor(state, d) for d in dims if refresh or (fold_gradient and d in paired)}
+        factors: dict[int, torch.Tensor] = {}
         folds: dict[str, tuple[torch.Tensor, float]] = {}
-        if fold_gradient:
-            factors = {d: fold_in(f, unfold(grad, d), beta) for d, f in factors.items()}
-            folds = {factor_key(d): (unfold(grad, d), beta) for d in dims if d not in factors}
-            for d in paired:
-                self._track(new_state, d, factors[d])
+        for d in dims:
+            if d in paired and fold_gradient:
+                factors[d] = eigenpairs.update(new_state, d, unfold(grad, d), beta)
+            elif refresh:
+                factors[d] = eigenpairs.factor(new_state, d)
+                if fold_gradient:
+                    factors[d] = fold_in(factors[d], unfold(grad, d), beta)
+            elif fold_gradient:
+                folds[factor_key(d)] = (unfold(grad, d), beta)
         if refresh and rules.refresh_before_update:
             self._refresh(group, rules, dims, new_state, factors)
 
@@ -244,7 +215,7 @@ class EigenAdam(StackedOptimizer):
         new_state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         if refresh and not rules.refresh_before_update:
             self._refresh(group, rules, dims, new_state, factors)
-        return StackResult(new_state, update, learning_rate(group) * correction2**0.5 / correction1, folds)
+        return StackResult(new_state.maps[0], update, learning_rate(group) * correction2**0.5 / correction1, folds)
 
     def new_bases(
         self, group: dict[str, Any], factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor]
@@ -258,15 +229,15 @@ class EigenAdam(StackedOptimizer):
         group: dict[str, Any],
         rules: EigenAdamRules,
         dims: list[int],
-        state: dict[str, torch.Tensor],
+        state: MutableMapping[str, torch.Tensor],
         factors: dict[int, torch.Tensor],
     ) -> None:
         """Move the bases (and the moments with them) to the refreshed ``factors``. A factor kept
         as eigenpairs has been tracked already: its blocks that the policy moves take the tracked
         eigenbasis; the others are refreshed by :meth:`new_bases` and stored whole."""
         old = {d: state[_basis_key(d)] for d in dims}
-        whole = {d: f for d, f in factors.items() if _eigenvalues_key(d) not in state}
-        paired = {d: f for d, f in factors.items() if _eigenvalues_key(d) in state}
+        whole = {d: f for d, f in factors.items() if eigenvalues_key(d) not in state}
+        paired = {d: f for d, f in factors.items() if eigenvalues_key(d) in state}
         if not whole:
             changed_bases, changed_mask, orders = {}, {}, {}
         elif self.executor is None:
@@ -278,9 +249,11 @@ class EigenAdam(StackedOptimizer):
         for d, factor in paired.items():
             current = staleness(factor, old[d])
             stale = self.stale_blocks(group, current)
+            tracked = state[eigenbasis_key(d)]
+            # adopted whole, the basis keeps the tracked eigenbasis's 4-bit codes (no requantising)
+            changed_bases[d] = tracked if stale is None else torch.where(stale[:, None, None], tracked, old[d])
             if stale is None:
                 stale = torch.ones(factor.shape[0], dtype=torch.bool, device=factor.device)
-            changed_bases[d] = torch.where(stale[:, None, None], state[_eigenbasis_key(d)], old[d])
             changed_mask[d] = stale.to(torch.int64)
             # The tracked basis is sorted by eigenvalue: column i follows the old column of rank i.
             identity = torch.arange(factor.shape[-1], device=factor.device).expand(factor.shape[0], -1)

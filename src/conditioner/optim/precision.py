@@ -4,12 +4,16 @@ Kernels always compute in the statistics dtype (float32, or float64 for float64 
 only what is kept between steps changes. Every state entry has a role, declared by its optimizer:
 
 - ``"basis"``: an orthogonal matrix per block (eigenbases). bfloat16, or with ``"4bit"`` block
-  quantised (:mod:`conditioner.linalg.quantize`) and Björck-rectified when read back.
+  quantised (:mod:`conditioner.linalg.quantize`) and read back by dequantisation alone (the
+  optimizers rectify where their schedule needs an orthogonal matrix, docs/algorithms.md §4).
 - ``"matrix"``: any other matrix per block (Kronecker factors, inverse roots). bfloat16 with
   ``"bfloat16"``; kept as it is with ``"4bit"`` (optimizers that support 4-bit bases keep their
   large factors as eigenpairs instead, see :mod:`conditioner.optim.eigen_adam`).
 - ``"moment"``: element-wise moments. bfloat16 with ``"bfloat16"``, kept with ``"4bit"``.
 - ``"exact"``: counters, eigenvalues: never rounded.
+
+Entries are decoded when a kernel first reads them (:class:`StoredState`): an ordinary 4-bit
+step dequantises only the bases it applies, not the statistics it leaves alone.
 
 Matrices with fewer than :data:`SMALL_MATRIX` elements stay in full precision: they cost little,
 and the quantisation blocks of 64 values would hold few of their entries. A 4-bit basis ``K`` is
@@ -19,18 +23,37 @@ stored as ``K#codes`` and ``K#scales``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 
 import torch
 
-from conditioner.linalg.quantize import Quantized, dequantize_basis, quantize
+from conditioner.linalg.quantize import Quantized, dequantize, quantize
 
 PRECISIONS = ("full", "bfloat16", "4bit")
 ROLES = ("basis", "matrix", "moment", "exact")
 SMALL_MATRIX = 4096
+#: the 4-bit Shampoo paper's intervals (Wang et al. 2024, and their code's defaults): statistics
+#: every T1 = 100 steps, what is applied (inverse roots, eigenbases) every T2 = 500
+PAPER_STATISTICS_INTERVAL = 100
+PAPER_PRECONDITION_FREQUENCY = 500
 _CODES, _SCALES = "#codes", "#scales"
 
 #: decoded entries: key → (the working tensor handed to the kernel, the stored entries it came from)
 Decoded = dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def schedule(
+    precision: str, statistics_interval: int | None, precondition_frequency: int | None, frequency: int
+) -> tuple[int, int]:
+    """The intervals a constructor stores: those given, else the 4-bit Shampoo paper's under
+    ``"4bit"`` state (:data:`PAPER_STATISTICS_INTERVAL`, :data:`PAPER_PRECONDITION_FREQUENCY`)
+    and otherwise statistics on every step and the optimizer's own ``frequency``."""
+    paper = precision == "4bit"
+    if statistics_interval is None:
+        statistics_interval = PAPER_STATISTICS_INTERVAL if paper else 1
+    if precondition_frequency is None:
+        precondition_frequency = PAPER_PRECONDITION_FREQUENCY if paper else frequency
+    return statistics_interval, precondition_frequency
 
 
 def is_large_matrix(value: torch.Tensor) -> bool:
@@ -63,27 +86,65 @@ def encode(key: str, value: torch.Tensor, form: str) -> dict[str, torch.Tensor]:
     return {key + _CODES: codes, key + _SCALES: scales}
 
 
-def decode(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Decoded]:
-    """Working tensors (in ``dtype``) from stored entries, and what each decoded one came from.
+class StoredState(Mapping[str, torch.Tensor]):
+    """The working tensors (in ``dtype``) of stored entries, each decoded on its first read.
 
-    Entries already in ``dtype`` (or not floating point) are handed over as they are.
+    Entries already in ``dtype`` (or not floating point) are handed over as they are; a 4-bit one
+    is dequantised (not rectified: the kernels rectify where they need it). :attr:`decoded`
+    records what each decoded working tensor came from.
     """
-    working: dict[str, torch.Tensor] = {}
-    decoded: Decoded = {}
-    for key, value in stored.items():
-        if key.endswith(_SCALES):
-            continue
-        if key.endswith(_CODES):
-            name = key[: -len(_CODES)]
-            scales = stored[name + _SCALES]
-            working[name] = dequantize_basis(Quantized(value, scales)).to(dtype)
-            decoded[name] = (working[name], {key: value, name + _SCALES: scales})
-        elif value.is_floating_point() and value.dtype != dtype:
-            working[key] = value.to(dtype)
-            decoded[key] = (working[key], {key: value})
+
+    def __init__(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self._stored = stored
+        self._dtype = dtype
+        self._names = [k.removesuffix(_CODES) for k in stored if not k.endswith(_SCALES)]
+        self._working: dict[str, torch.Tensor] = {}
+        self.decoded: Decoded = {}
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._stored or (isinstance(key, str) and key + _CODES in self._stored)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._working:
+            return self._working[key]
+        if key + _CODES in self._stored:
+            entries = {key + _CODES: self._stored[key + _CODES], key + _SCALES: self._stored[key + _SCALES]}
+            value = dequantize(Quantized(*entries.values())).to(self._dtype)
         else:
-            working[key] = value
-    return working, decoded
+            value = self._stored[key]
+            if not (value.is_floating_point() and value.dtype != self._dtype):
+                return value
+            entries = {key: value}
+            value = value.to(self._dtype)
+        self._working[key] = value
+        self.decoded[key] = (value, entries)
+        return value
 
 
-__all__ = ["PRECISIONS", "ROLES", "SMALL_MATRIX", "Decoded", "decode", "encode", "is_large_matrix", "stored_form"]
+def decode(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Decoded]:
+    """Every working tensor of ``stored`` (see :class:`StoredState`), and what each decoded one
+    came from."""
+    state = StoredState(stored, dtype)
+    return dict(state), state.decoded
+
+
+__all__ = [
+    "PAPER_PRECONDITION_FREQUENCY",
+    "PAPER_STATISTICS_INTERVAL",
+    "PRECISIONS",
+    "ROLES",
+    "SMALL_MATRIX",
+    "Decoded",
+    "StoredState",
+    "decode",
+    "encode",
+    "is_large_matrix",
+    "schedule",
+    "stored_form",
+]

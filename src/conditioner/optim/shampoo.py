@@ -10,6 +10,8 @@ method: ``U ← U · ‖U_graft‖ / ‖U‖`` (docs/algorithms.md §1).
 from __future__ import annotations
 
 import logging
+from collections import ChainMap
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -17,8 +19,11 @@ import torch
 from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import inverse_root_from_eigh, newton_root, safe_eigh
+from conditioner.optim import eigenpairs
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
+from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
 from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
+from conditioner.optim.precision import PRECISIONS, schedule
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
 ROOT_METHODS = ("eigh", "newton")
@@ -28,6 +33,26 @@ logger = logging.getLogger(__name__)
 
 def _root_key(dim: int) -> str:
     return f"root{dim}"
+
+
+def _root_basis_key(dim: int) -> str:
+    return f"root_basis{dim}"
+
+
+def _root_scales_key(dim: int) -> str:
+    return f"root_scales{dim}"
+
+
+def apply_eigen(x: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x ×_dim Q diag(s) Qᵀ`` for a stack ``x`` ``(B, ...)``: through ``P = Q diag(s) Qᵀ`` formed
+    once (d³ + d²·n flops, n the size of the other dims) or as ``Q (s ⊙ (Qᵀ x))`` (2·d²·n),
+    whichever costs less."""
+    d = basis.shape[-1]
+    if d <= x[0].numel() // d:
+        return apply_along(x, eigenpairs.rebuild(basis, scales), dim)
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape[dim + 1] = d
+    return apply_along(apply_along(x, basis.mT, dim) * scales.reshape(shape), basis, dim)
 
 
 class Shampoo(StackedOptimizer):
@@ -49,6 +74,18 @@ class Shampoo(StackedOptimizer):
     - ``nesterov``: use the look-ahead ``lerp(m, G, 1 − β1)`` instead of ``m``.
     - Blocking as in Distributed Shampoo: dimensions above ``max_preconditioner_dim`` split
       (``split_large_dims``), small neighbours merged; 1-D parameters on the grafted method.
+    - Schedule: the factors take in the gradient every ``statistics_interval`` (T1) steps (only
+      those steps' gradients; bias correction ``1 − β2ⁿ`` for the n folds so far), the inverse
+      roots are recomputed every ``precondition_frequency`` (T2) steps. Defaults: T1 = 1 and
+      T2 = 20, or under ``"4bit"`` state the 4-bit Shampoo paper's T1 = 100, T2 = 500.
+    - ``state_precision``: ``"full"``; ``"bfloat16"`` (factors, roots and moments stored in
+      bfloat16); ``"4bit"`` (Wang et al. 2024, docs/algorithms.md §4): each factor of
+      ``d² ≥ 4096`` elements is kept as a 4-bit eigenbasis and float32 eigenvalues
+      (:mod:`conditioner.optim.eigenpairs`; the first statistic by ``eigh``, later ones by one
+      warm-started QR step), and its inverse root as the 4-bit eigenbasis it was computed in
+      (the same codes) and float32 scales ``(λ̂ + ε)^(-1/p)``, applied as ``Q diag(s) Qᵀ`` from
+      the dequantised Q; those roots come from the eigenpairs (``root_method`` applies to the
+      smaller factors, which stay whole). Moments stay float32.
     """
 
     checks = {
@@ -62,9 +99,18 @@ class Shampoo(StackedOptimizer):
         "root_method": choice(*ROOT_METHODS),
         "exponent_override": optional(in_range(0.0, low_open=True)),
         "nesterov": flag,
+        "state_precision": choice(*PRECISIONS),
+        "statistics_interval": count(1),
     }
     max_dim_option = "max_preconditioner_dim"
-    state_roles = {"factor": "matrix", "root": "matrix", "exp_avg": "moment", "graft_sq": "moment"}
+    state_roles = {
+        "factor": "matrix",
+        "root": "matrix",
+        "eigenbasis": "basis",
+        "root_basis": "basis",
+        "exp_avg": "moment",
+        "graft_sq": "moment",
+    }
 
     def __init__(
         self,
@@ -73,7 +119,7 @@ class Shampoo(StackedOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         epsilon: float = 1e-12,
         weight_decay: float = 0.0,
-        precondition_frequency: int = 20,
+        precondition_frequency: int | None = None,
         start_preconditioning_step: int | None = None,
         max_preconditioner_dim: int = 1024,
         grafting: str = "adam",
@@ -88,8 +134,12 @@ class Shampoo(StackedOptimizer):
         one_sided_above: int | None = None,
         state_dtype: torch.dtype | None = None,
         state_precision: str = "full",
+        statistics_interval: int | None = None,
         nonfinite: str = "raise",
     ) -> None:
+        statistics_interval, precondition_frequency = schedule(
+            state_precision, statistics_interval, precondition_frequency, 20
+        )
         if start_preconditioning_step is None:
             start_preconditioning_step = precondition_frequency
         defaults = dict(
@@ -112,6 +162,7 @@ class Shampoo(StackedOptimizer):
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
             state_precision=state_precision,
+            statistics_interval=statistics_interval,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
@@ -132,10 +183,34 @@ class Shampoo(StackedOptimizer):
             state["exp_avg"] = torch.zeros_like(grad)
         if group["grafting"] in ("adam", "rmsprop", "adagrad"):
             state["graft_sq"] = torch.zeros_like(grad)
+        paired = paired_dims(group, stack)
         for dim in dims:
             d = stack.shape[dim]
-            state[factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
-            state[_root_key(dim)] = torch.eye(d, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], d, d).clone()
+            identity = torch.eye(d, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], d, d).clone()
+            if dim in paired:  # no statistics yet; the root is the identity
+                state[eigenbasis_key(dim)] = identity
+                state[eigenvalues_key(dim)] = grad.new_zeros(grad.shape[0], d)
+                state[_root_basis_key(dim)] = identity
+                state[_root_scales_key(dim)] = grad.new_ones(grad.shape[0], d)
+            else:
+                state[factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
+                state[_root_key(dim)] = identity
+        return state
+
+    def restate(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under the group's precision: large factors as eigenpairs (``eigh``) and their roots as
+        eigenpairs (the root's eigenvectors and eigenvalues), or both whole; the rest is kept."""
+        dims = stack.preconditioned_dims
+        paired = paired_dims(group, stack)
+        state = eigenpairs.restate_factors(state, dims, paired)
+        for d in dims:
+            if d in paired and _root_key(d) in state:
+                root = state.pop(_root_key(d))
+                eig = safe_eigh(root)
+                state[_root_basis_key(d)] = eig.eigenvectors.to(root.dtype)
+                state[_root_scales_key(d)] = eig.eigenvalues.to(root.dtype)
+            elif d not in paired and _root_scales_key(d) in state:
+                state[_root_key(d)] = eigenpairs.rebuild(state.pop(_root_basis_key(d)), state.pop(_root_scales_key(d)))
         return state
 
     def _graft_direction(
@@ -154,13 +229,17 @@ class Shampoo(StackedOptimizer):
         state["graft_sq"] = graft_sq
         return momentum / (denom + group["grafting_epsilon"])
 
-    def _inverse_roots(self, group: dict[str, Any], state: dict[str, torch.Tensor], dims: list[int], t: int) -> int:
-        """Recompute the stack's inverse roots; returns how many of those this process computed
-        fell back from Newton to eigh."""
+    def _inverse_roots(
+        self, group: dict[str, Any], state: MutableMapping[str, torch.Tensor], dims: list[int], statistics: int
+    ) -> int:
+        """Recompute the stack's inverse roots from factors holding ``statistics`` gradients (for
+        the bias correction); returns how many of those this process computed fell back from
+        Newton to eigh. A factor kept as eigenpairs gives its root directly: its eigenbasis and
+        scales ``(λ̂⁺ + ε)^(-1/p)``."""
         beta2 = group["betas"][1]
-        correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**t
+        correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**statistics
         p = group["exponent_override"] or 2 * len(dims)
-        factors = {d: state[factor_key(d)] / correction for d in dims}
+        factors = {d: state[factor_key(d)] / correction for d in dims if factor_key(d) in state}
         fallbacks = 0
 
         def compute(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,13 +255,33 @@ class Shampoo(StackedOptimizer):
         refreshes = state["refreshes"].clone()
         fell_backs = state["fallbacks"].clone() if "fallbacks" in state else torch.zeros_like(refreshes)
         for position, d in enumerate(dims):
-            root, ok, fell_back = roots[d]
-            state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
+            if d in roots:
+                root, ok, fell_back = roots[d]
+                state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
+                fell_backs[:, position] += fell_back.to(fell_backs.dtype)
+            else:
+                ok = self._eigen_root(group, p, state, d, correction)
             refreshes[:, position] += ok.to(refreshes.dtype)
-            fell_backs[:, position] += fell_back.to(fell_backs.dtype)
         state["refreshes"] = refreshes
         state["fallbacks"] = fell_backs
         return fallbacks
+
+    @staticmethod
+    def _eigen_root(
+        group: dict[str, Any], p: float, state: MutableMapping[str, torch.Tensor], d: int, correction: float
+    ) -> torch.Tensor:
+        """The root of a factor kept as eigenpairs: its eigenbasis (the same 4-bit codes) and
+        ``((λ/c)⁺ + ε)^(-1/p)``; blocks whose scales are not finite keep their root. Returns the
+        per-block mask of roots replaced."""
+        scales = (state[eigenvalues_key(d)] / correction).clamp_min(0.0).add(group["epsilon"]).pow(-1.0 / p)
+        ok = torch.isfinite(scales).all(-1)
+        basis = state[eigenbasis_key(d)]
+        if not bool(ok.all()):  # one synchronisation, on a root step only
+            basis = torch.where(ok[:, None, None], basis, state[_root_basis_key(d)])
+            scales = torch.where(ok[:, None], scales, state[_root_scales_key(d)])
+        state[_root_basis_key(d)] = basis
+        state[_root_scales_key(d)] = scales
+        return ok
 
     @staticmethod
     def _inverse_root(
@@ -202,7 +301,9 @@ class Shampoo(StackedOptimizer):
         self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
     ) -> StackResult:
         dims = stack.preconditioned_dims
-        state = dict(self._initial_state(group, stack, grad) if step == 0 else state)
+        paired = paired_dims(group, stack)
+        # writes go to the first map, which is handed back: entries not read stay encoded
+        state = ChainMap(self._initial_state(group, stack, grad), {}) if step == 0 else ChainMap({}, state)
         t = step + 1
         beta1, beta2 = group["betas"]
         momentum = grad
@@ -213,13 +314,19 @@ class Shampoo(StackedOptimizer):
             else:
                 momentum = state["exp_avg"] / (1.0 - beta1**t)
         graft = self._graft_direction(group, state, grad, momentum, t)
-        folds = {factor_key(d): (unfold(grad, d), beta2) for d in dims}
+        interval = group["statistics_interval"]
+        statistics = t // interval  # gradients the factors hold after this step
+        folds = {}
+        if t % interval == 0:
+            folds = {factor_key(d): (unfold(grad, d), beta2) for d in dims if d not in paired}
+            for d in paired:
+                eigenpairs.update(state, d, unfold(grad, d), beta2, first=statistics == 1)
         start = group["start_preconditioning_step"]
-        refresh = bool(dims) and t >= start and (t - start) % group["precondition_frequency"] == 0
-        result = StackResult(state, scale=learning_rate(group))
+        refresh = bool(dims) and statistics > 0 and t >= start and (t - start) % group["precondition_frequency"] == 0
+        result = StackResult(state.maps[0], scale=learning_rate(group))
         if refresh:
             state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
-            result.fallbacks = self._inverse_roots(group, state, dims, t)
+            result.fallbacks = self._inverse_roots(group, state, dims, statistics)
         else:
             result.folds = folds
         if not dims or t < start:
@@ -227,7 +334,10 @@ class Shampoo(StackedOptimizer):
             return result
         direction = momentum
         for d in dims:
-            direction = apply_along(direction, state[_root_key(d)], d)
+            if d in paired:
+                direction = apply_eigen(direction, state[_root_basis_key(d)], state[_root_scales_key(d)], d)
+            else:
+                direction = apply_along(direction, state[_root_key(d)], d)
         if group["grafting"] != "none":
             norm = block_norms(direction)
             direction = direction * torch.where(norm > 0, block_norms(graft) / norm.clamp_min(1e-30), 0.0)

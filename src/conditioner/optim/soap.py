@@ -11,6 +11,7 @@ from conditioner.blocks import BlockPolicy
 from conditioner.checks import choice
 from conditioner.linalg import descending_order, orthogonal_iteration_step, staleness
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules
+from conditioner.optim.precision import schedule
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -62,7 +63,7 @@ class SOAP(EigenAdam):
         shampoo_beta: float | None = None,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
+        precondition_frequency: int | None = None,
         max_precond_dim: int = 10000,
         merge_dims: bool = False,
         precondition_1d: bool = False,
@@ -74,8 +75,12 @@ class SOAP(EigenAdam):
         one_sided_above: int | None = None,
         state_dtype: torch.dtype | None = None,
         state_precision: str = "full",
+        statistics_interval: int | None = None,
         nonfinite: str = "raise",
     ) -> None:
+        statistics_interval, precondition_frequency = schedule(
+            state_precision, statistics_interval, precondition_frequency, 10
+        )
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -94,6 +99,7 @@ class SOAP(EigenAdam):
             one_sided_above=one_sided_above,
             state_dtype=state_dtype,
             state_precision=state_precision,
+            statistics_interval=statistics_interval,
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

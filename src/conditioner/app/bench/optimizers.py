@@ -3,8 +3,8 @@
 Ours: ``adamw`` and ``sgd`` (torch), ``shampoo`` (Adam grafting), ``soap``, ``ecshampoo``
 (eigenvalue-corrected Shampoo, fixed refresh every ``precondition_frequency`` steps) and
 ``ecshampoo-adaptive`` (the same with the adaptive, per-factor refresh); ``soap-bf16``,
-``soap-4bit``, ``ecshampoo-bf16``, ``ecshampoo-4bit`` (the same settings with
-``state_precision`` bfloat16 or 4-bit) and ``muon`` (conditioner.Muon). Peers, from the optional
+``soap-4bit``, ``ecshampoo-bf16``, ``ecshampoo-4bit``, ``shampoo-bf16``, ``shampoo-4bit`` (the
+same settings with ``state_precision`` bfloat16, or 4-bit on the 4-bit Shampoo paper's schedule) and ``muon`` (conditioner.Muon). Peers, from the optional
 ``bench`` extra, imported only when asked for: ``heavyball-soap``, ``heavyball-psgdkron``,
 ``heavyball-muon``, ``pto-soap``, ``pto-shampoo``.
 
@@ -51,6 +51,8 @@ class OptimizerSpec:
     lr: float
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     package: str | None = None  # the import a peer needs; None for ours and torch's
+    #: a low-precision variant's full-precision sibling, whose preset settings (rate) it takes
+    sibling: str | None = None
 
 
 def _tuples(hyperparameters: dict[str, Any]) -> dict[str, Any]:
@@ -79,16 +81,24 @@ def _pto(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 _SOAP_LIKE = dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+_SHAMPOO = dict(betas=(0.9, 0.999), weight_decay=0.01, precondition_frequency=10, grafting="adam")
 
 
 def _precision_variants(
-    name: str, description: str, build: Callable[..., torch.optim.Optimizer], hyperparameters: dict[str, Any]
+    name: str, description: str, build: Callable[..., torch.optim.Optimizer], hyperparameters: dict[str, Any], lr: float
 ) -> list[OptimizerSpec]:
-    """``NAME-bf16`` and ``NAME-4bit``: the same optimizer and settings with low-precision state."""
+    """``NAME-bf16``: the same optimizer and settings with bfloat16 state; ``NAME-4bit``: with
+    4-bit state on the 4-bit Shampoo paper's schedule (statistics every 100 steps, bases or
+    roots every 500: the optimizer's 4-bit defaults, so ``precondition_frequency`` is dropped)."""
+    four_bit = {k: v for k, v in hyperparameters.items() if k != "precondition_frequency"}
+    bf16 = dict(hyperparameters, state_precision="bfloat16")
     return [
-        OptimizerSpec(f"{name}-{suffix}", f"{description}, {precision} state", build, 3e-3, dict(hyperparameters, state_precision=precision))
-        for suffix, precision in (("bf16", "bfloat16"), ("4bit", "4bit"))
+        OptimizerSpec(f"{name}-bf16", f"{description}, bfloat16 state", build, lr, bf16, sibling=name),
+        OptimizerSpec(
+            f"{name}-4bit", f"{description}, 4-bit state, paper's schedule", build, lr, dict(four_bit, state_precision="4bit"), sibling=name
+        ),
     ]
+
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
@@ -100,7 +110,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "conditioner.Shampoo, Adam grafting",
             conditioner.Shampoo,
             1e-3,
-            dict(betas=(0.9, 0.999), weight_decay=0.01, precondition_frequency=10, grafting="adam"),
+            dict(_SHAMPOO),
         ),
         OptimizerSpec("soap", "conditioner.SOAP", conditioner.SOAP, 3e-3, dict(_SOAP_LIKE)),
         OptimizerSpec(
@@ -117,12 +127,20 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             3e-3,
             dict(_SOAP_LIKE, refresh="adaptive", tolerance=0.3),
         ),
-        *_precision_variants("soap", "conditioner.SOAP", conditioner.SOAP, dict(_SOAP_LIKE)),
+        *_precision_variants("soap", "conditioner.SOAP", conditioner.SOAP, dict(_SOAP_LIKE), 3e-3),
         *_precision_variants(
             "ecshampoo",
             "conditioner.EigenvalueCorrectedShampoo",
             conditioner.EigenvalueCorrectedShampoo,
             dict(_SOAP_LIKE, refresh="fixed"),
+            3e-3,
+        ),
+        *_precision_variants(
+            "shampoo",
+            "conditioner.Shampoo, Adam grafting",
+            conditioner.Shampoo,
+            dict(_SHAMPOO),
+            1e-3,
         ),
         OptimizerSpec(
             "muon",

@@ -41,9 +41,10 @@ class Preset:
     lr_source: str = "guess"
 
     def setting(self, optimizer: str) -> tuple[float, dict[str, Any]]:
-        """``(lr, hyperparameters)`` for ``optimizer``: the registry's defaults, then this preset's."""
+        """``(lr, hyperparameters)`` for ``optimizer``: the registry's defaults, then this preset's
+        (for a low-precision variant without its own, those of its full-precision sibling)."""
         spec = OPTIMIZERS[optimizer]
-        own = dict(self.settings.get(optimizer, {}))
+        own = dict(self.settings.get(optimizer, self.settings.get(spec.sibling or optimizer, {})))
         lr = float(own.pop("lr", spec.lr))
         return lr, {**spec.hyperparameters, **own}
 
