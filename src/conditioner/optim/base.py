@@ -1,13 +1,23 @@
-"""The machinery every Kronecker optimizer shares: stacks, atomic steps, state handling.
+"""The machinery every Kronecker optimizer shares: stacks, checked steps, state handling.
 
-A step has two phases. First every stack of every group computes its new state and its update
-WITHOUT touching the existing state or the parameters (the kernels are written out-of-place).
-Then, after one check that every gradient and update is finite, the new state replaces the old
-and the updates are applied with foreach calls. An exception anywhere in the first phase, or a
-non-finite gradient under the default policy, therefore leaves parameters and state exactly as
-they were. One check, after the work and before anything is applied, looks at every gradient's
-norm and every update's sum together: an ordinary step synchronises with the host once (under
-sharded state, the gradients are checked first, since the ranks exchange that verdict).
+A step first checks that every gradient is finite: one host synchronisation, which also reports
+updates withheld by an earlier step (below). A non-finite gradient raises or skips the step, per
+``nonfinite``, before anything changes. Then the step works through its stacks in chunks of at
+most :data:`CHUNK_ELEMENTS` gradient elements (or one block): each chunk's kernel computes the
+new state and the update out of place, the state is written back (a chunk of a stack into its
+rows, in place) and the update applied at once, so the memory a step allocates beyond the state
+is one chunk's temporaries whatever the model's size. An update that holds NaN or Inf despite
+finite gradients (degenerate settings such as ``eps=0``, or overflow) is replaced by zeros on
+the device and counted; the next step's check reports it under the policy, so it never reaches
+the parameters and is never silent (the state of those blocks did take the step). Weight decay
+follows once every chunk is applied. The kernels raise nothing for bad numbers (a failed
+decomposition keeps the old basis or root); an exception from elsewhere in the middle of a step,
+such as running out of memory, leaves the chunks before it stepped, as in torch's own in-place
+optimizers.
+
+Under sharded state the step keeps two phases, since the ranks exchange every update before any
+is applied: all chunks are computed out of place, checked together with the gradients, and
+committed only then.
 
 State lives per stack, under a string key ``"group{g}/{shape}:{pattern}"`` in ``self.state``:
 tensors with a leading dimension of one entry per block, and ``step``, a list with each block's
@@ -32,7 +42,9 @@ decoded and re-encoded (``restate`` adapts the entries) before it is used.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +71,9 @@ from conditioner.optim.precision import Decoded, StoredState, decode, encode, st
 logger = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "skip")
+#: The most gradient elements one chunk of a step holds (16 MiB in float32; a larger block is a
+#: chunk of its own): the memory a step allocates beyond its state is a chunk's, not the model's.
+CHUNK_ELEMENTS = 2**22
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -131,6 +146,11 @@ COMMON_CHECKS: dict[str, Check] = {
 }
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b``'s memory seen the same way (a kernel handed a state view back)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def learning_rate(group: dict[str, Any]) -> float:
     """The group's ``lr`` as a float: a number, or a 1-element tensor (torch.optim accepts one; a
     scheduler updates it in place, so it is read at every step)."""
@@ -172,6 +192,8 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._full_layouts: dict[int, list[Stack]] = {}
         #: per group, the ``state_precision`` its stored state is encoded in
         self._stored_precisions: list[str] = []
+        #: updates withheld since the last check because they held NaN or Inf (a device count)
+        self._withheld: torch.Tensor | None = None
         super().__init__(params, defaults)
 
     def validate(self, options: dict[str, Any]) -> None:
@@ -207,6 +229,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.forget_layouts()
         self.nonfinite = self.defaults["nonfinite"]
+        self._withheld = None
         self._stored_precisions = [group.get("state_precision", "full") for group in self.param_groups]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -284,9 +307,9 @@ class StackedOptimizer(torch.optim.Optimizer):
                 by_step.setdefault(steps[m], []).append(m)
         return list(by_step.values())
 
-    def _gather_gradients(self) -> list[tuple[int, Stack, list[int], torch.Tensor]]:
-        """Every cohort's stacked gradient: (group index, stack, members, gradient). The blocks are
-        read from full gradients: a DTensor's is all-gathered, or under sharding fetched only by
+    def _gradients(self) -> dict[int, list[torch.Tensor]]:
+        """Per param group with a gradient, the full gradient of each parameter (the parameter
+        itself where it has none): a DTensor's is all-gathered, or under sharding fetched only by
         the ranks that own one of its blocks (:meth:`ShardedState.gradients`)."""
         for group_index, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -299,28 +322,49 @@ class StackedOptimizer(torch.optim.Optimizer):
                         "set_swap_module_params_on_conversion(True), then module.to_empty(device=...))"
                     )
         routed = None if self.sharding is None else self.sharding.gradients()
-        work = []
+        grads = {}
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
-            has_grad = [p.grad is not None for p in params]
-            if not any(has_grad):
-                continue
-            dtype = statistics_dtype(params, group.get("state_dtype"))
-            grads = (
-                [full_tensor(p.grad) if p.grad is not None else p for p in params]
-                if routed is None
-                else routed[group_index]
-            )
-            for stack in self.layout(group_index):
-                key = self.stack_key(group_index, stack)
-                for members in self._cohorts(key, stack, has_grad):
-                    work.append((group_index, stack, members, stack.gather(grads, members, dtype)))
-        return work
+            if any(p.grad is not None for p in params):
+                grads[group_index] = (
+                    [full_tensor(p.grad) if p.grad is not None else p for p in params]
+                    if routed is None
+                    else routed[group_index]
+                )
+        return grads
 
-    @staticmethod
-    def _finite(tensors: list[torch.Tensor]) -> bool:
-        """One host synchronisation: are all ``tensors`` finite?"""
-        return not tensors or bool(torch.stack(tensors).isfinite().all())
+    def _plan(self, grads: dict[int, list[torch.Tensor]]) -> list[tuple[int, Stack, list[int]]]:
+        """The chunks a step works through: (group index, stack, members), members of one cohort
+        (blocks with a gradient and equal step counts) holding at most :data:`CHUNK_ELEMENTS`
+        elements of gradient, or one block."""
+        plan = []
+        for group_index in grads:
+            has_grad = [p.grad is not None for p in self.param_groups[group_index]["params"]]
+            for stack in self.layout(group_index):
+                per_chunk = max(1, CHUNK_ELEMENTS // math.prod(stack.shape))
+                for members in self._cohorts(self.stack_key(group_index, stack), stack, has_grad):
+                    plan.extend(
+                        (group_index, stack, members[i : i + per_chunk]) for i in range(0, len(members), per_chunk)
+                    )
+        return plan
+
+    def _gather(
+        self, group_index: int, stack: Stack, members: list[int], grads: dict[int, list[torch.Tensor]]
+    ) -> torch.Tensor:
+        group = self.param_groups[group_index]
+        return stack.gather(grads[group_index], members, statistics_dtype(group["params"], group.get("state_dtype")))
+
+    def _gradient_norms(self, grads: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The norm of every gradient in its group's statistics dtype; a gradient whose squares
+        overflow, and would poison the statistics, has an infinite norm too."""
+        norms = []
+        for group_index, tensors in grads.items():
+            group = self.param_groups[group_index]
+            dtype = statistics_dtype(group["params"], group.get("state_dtype"))
+            norms.extend(
+                torch.linalg.vector_norm(g, dtype=dtype) for g, p in zip(tensors, group["params"]) if p.grad is not None
+            )
+        return norms
 
     def _allowed(self, finite: bool, what: str) -> bool:
         """Go on when ``finite``; otherwise raise or warn, per the policy."""
@@ -334,6 +378,29 @@ class StackedOptimizer(torch.optim.Optimizer):
         logger.warning("%s: skipped a step because %s holds NaN or Inf", type(self).__name__, what)
         return False
 
+    def _checked(self, norms: list[torch.Tensor]) -> bool:
+        """The step's one host synchronisation: are the gradients finite, and were updates of an
+        earlier step withheld (:meth:`_guarded`)? Withheld updates are reported here, under the
+        policy, and forgotten; a non-finite gradient raises or skips the step before anything
+        changes."""
+        flags = [torch.stack(norms).isfinite().all().to(torch.int64)] if norms else []
+        if self._withheld is not None:
+            flags.append(self._withheld.to(flags[0].device) if flags else self._withheld)
+        if not flags:
+            return True
+        values = torch.stack(flags).tolist()
+        withheld = values[-1] if self._withheld is not None else 0
+        if withheld:
+            self._withheld = None
+            message = (
+                f"{type(self).__name__}: {withheld} block update(s) of an earlier step held NaN or Inf "
+                "(from finite gradients) and were not applied; the state of those blocks took the step"
+            )
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(message + "; nothing was changed in this step")
+            logger.warning(message)
+        return not norms or self._allowed(bool(values[0]), "a gradient")
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
@@ -342,27 +409,60 @@ class StackedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._gather_gradients()
-        # The norm also flags a gradient whose squares overflow and would poison the statistics.
-        norms = [torch.linalg.vector_norm(grad) for *_, grad in work]
+        grads = self._gradients()
+        plan = self._plan(grads)
         if self.sharding is None:
-            # One host synchronisation for an ordinary step: the updates are computed out of place
-            # whatever the gradients hold, and one check over gradients and updates decides.
-            pending = self._compute(work)
-            updates = self._updates(pending)
-            if not self._finite(norms + [u.update.sum() for u in updates]):
-                self._allowed(False, "an update" if self._finite(norms) else "a gradient")
-                return loss
-        else:
-            finite = self._finite(norms)
-            pending = self._compute(work) if finite else []
-            finite, updates = self.sharding.exchange(self._updates(pending), finite)
-            if not self._allowed(finite, "a gradient"):
-                return loss
-            if not self._allowed(self._finite([u.update.sum() for u in updates]), "an update"):
-                return loss
-        self._commit(pending, updates)
+            if self._checked(self._gradient_norms(grads)):
+                self._step_in_chunks(plan, grads)
+            return loss
+        work = [(g, stack, members, self._gather(g, stack, members, grads)) for g, stack, members in plan]
+        finite = self._finite([torch.linalg.vector_norm(grad) for *_, grad in work])
+        pending = self._compute(work) if finite else []
+        finite, updates = self.sharding.exchange(self._updates(pending), finite)
+        if not self._allowed(finite, "a gradient"):
+            return loss
+        if not self._allowed(self._finite([u.update.sum() for u in updates]), "an update"):
+            return loss
+        buffers, decayed = UpdateBuffers(), {}
+        for item in pending:
+            self._store(item)
+        self._apply_updates(updates, buffers, decayed)
+        self._finish(sum(item.result.fallbacks for item in pending), buffers, decayed)
         return loss
+
+    def _step_in_chunks(self, plan: list[tuple[int, Stack, list[int]]], grads: dict[int, list[torch.Tensor]]) -> None:
+        """Compute and commit chunk after chunk (the gradients were checked): the memory a step
+        allocates beyond the state is one chunk's, whatever the model's size."""
+        buffers: UpdateBuffers = UpdateBuffers()
+        decayed: dict[int, tuple[torch.Tensor, float]] = {}
+        fallbacks = 0
+        for group_index, stack, members in plan:
+            [item] = self._compute([(group_index, stack, members, self._gather(group_index, stack, members, grads))])
+            self._store(item)
+            fallbacks += item.result.fallbacks
+            updates = self._updates([item])
+            del item  # the chunk's new state is stored: let its temporaries go before the update
+            self._apply_updates(self._guarded(updates), buffers, decayed)
+        self._finish(fallbacks, buffers, decayed)
+
+    def _guarded(self, updates: list[Update]) -> list[Update]:
+        """The updates, each that holds NaN or Inf replaced by zeros, counted on the device (no
+        synchronisation) and reported at the next step's check. From finite gradients and state
+        this takes degenerate settings (``eps=0`` with a coordinate that never moved) or
+        overflow; the parameters never see the values."""
+        guarded = []
+        for change in updates:
+            finite = change.update.isfinite().all()
+            bad = (~finite).to(torch.int64)
+            self._withheld = bad if self._withheld is None else self._withheld + bad.to(self._withheld.device)
+            guarded.append(dataclasses.replace(change, update=torch.where(finite, change.update, 0.0)))
+            change.update = guarded[-1].update
+        return guarded
+
+    @staticmethod
+    def _finite(tensors: list[torch.Tensor]) -> bool:
+        """One host synchronisation: are all ``tensors`` finite?"""
+        return not tensors or bool(torch.stack(tensors).isfinite().all())
 
     @staticmethod
     def _updates(pending: list[_Pending]) -> list[Update]:
@@ -388,8 +488,10 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _select(stored: dict[str, Any], members: list[int], size: int) -> dict[str, torch.Tensor]:
-        if len(members) == size:
-            return {k: v for k, v in stored.items() if k != "step"}
+        """The rows of ``members`` of each stored tensor: views when they are consecutive."""
+        if members == list(range(members[0], members[0] + len(members))):
+            rows = slice(members[0], members[0] + len(members))
+            return {k: v[rows] for k, v in stored.items() if k != "step"}
         index = torch.tensor(members)
         return {k: v.index_select(0, index.to(v.device)) for k, v in stored.items() if k != "step"}
 
@@ -431,33 +533,49 @@ class StackedOptimizer(torch.optim.Optimizer):
             entries.update({k + entry[len(name) :]: value for entry, value in stored.items()})
         return entries, in_place
 
-    def _commit(self, pending: list[_Pending], updates: list[Update]) -> None:
-        """Write the new state, fold the gradients into the factors, apply the updates and decay."""
+    def _store(self, item: _Pending) -> None:
+        """Write a chunk's new state and fold its gradient into the factors, and count its step.
+        A whole stack's entries replace the stored ones; a chunk of a stack is written into its
+        rows in place (a tensor the kernel handed back as it was is left alone)."""
+        entries, folds = self._encode(item)
+        stored = self.state.setdefault(item.key, {})
+        size = len(item.stack.blocks)
+        steps = stored.get("step", [0] * size)
+        members = item.members
+        if len(members) == size:
+            stored.update(entries)
+            for k, (unfolded, beta) in folds.items():
+                fold_in_(stored[k], unfolded, beta)
+        elif members == list(range(members[0], members[0] + len(members))):
+            rows = slice(members[0], members[0] + len(members))
+            for k, v in entries.items():
+                if k not in stored:
+                    stored[k] = v.new_zeros((size,) + tuple(v.shape[1:]))
+                target = stored[k][rows]
+                if not _same_memory(v, target):
+                    target.copy_(v)
+            for k, (unfolded, beta) in folds.items():
+                fold_in_(stored[k][rows], unfolded, beta)
+        else:
+            # a kernel hands back only what it changed: a factor it only folds is read here
+            folded = {
+                k: fold_in(entries[k] if k in entries else item.source[k], unfolded, beta)
+                for k, (unfolded, beta) in folds.items()
+            }
+            index = torch.tensor(members)
+            for k, v in {**entries, **folded}.items():
+                if k not in stored:
+                    stored[k] = v.new_zeros((size,) + tuple(v.shape[1:]))
+                stored[k].index_copy_(0, index.to(v.device), v)
+        stored["step"] = [s + 1 if m in members else s for m, s in enumerate(steps)]
+
+    @staticmethod
+    def _apply_updates(
+        updates: list[Update], buffers: UpdateBuffers, decayed: dict[int, tuple[torch.Tensor, float]]
+    ) -> None:
+        """Subtract the updates from their parameters' blocks (through ``buffers`` where a block
+        is no view of its parameter) and note each parameter's weight decay in ``decayed``."""
         moves: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        decayed: dict[int, tuple[torch.Tensor, float]] = {}
-        buffers = UpdateBuffers()
-        for item in pending:
-            entries, folds = self._encode(item)
-            stored = self.state.setdefault(item.key, {})
-            size = len(item.stack.blocks)
-            steps = stored.get("step", [0] * size)
-            if len(item.members) == size:
-                stored.update(entries)
-                for k, (unfolded, beta) in folds.items():
-                    fold_in_(stored[k], unfolded, beta)
-            else:
-                # a kernel hands back only what it changed: a factor it only folds is read here
-                folded = {
-                    k: fold_in(entries[k] if k in entries else item.source[k], unfolded, beta)
-                    for k, (unfolded, beta) in folds.items()
-                }
-                index = torch.tensor(item.members)
-                for k, v in {**entries, **folded}.items():
-                    full = stored.get(k)
-                    if full is None:
-                        full = v.new_zeros((size,) + tuple(v.shape[1:]))
-                    stored[k] = full.index_copy(0, index.to(v.device), v)
-            stored["step"] = [s + 1 if m in item.members else s for m, s in enumerate(steps)]
         for change in updates:
             params = change.group["params"]
             tensors = buffers.targets(params, [change.stack.blocks[m] for m in change.members])
@@ -471,6 +589,10 @@ class StackedOptimizer(torch.optim.Optimizer):
                 decayed[id(p)] = (p, factor)
         for alpha, (targets, deltas) in moves.items():
             torch._foreach_add_(targets, deltas, alpha=alpha)
+
+    def _finish(self, fallbacks: int, buffers: UpdateBuffers, decayed: dict[int, tuple[torch.Tensor, float]]) -> None:
+        """After every chunk: write the staged parameters back, decay the weights, and report the
+        step's fallbacks (:meth:`report_fallbacks`)."""
         buffers.apply()
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
@@ -478,6 +600,10 @@ class StackedOptimizer(torch.optim.Optimizer):
                 by_factor.setdefault(factor, []).append(local_tensor(p))
         for factor, params in by_factor.items():
             torch._foreach_mul_(params, factor)
+        self.report_fallbacks(fallbacks)
+
+    def report_fallbacks(self, count: int) -> None:
+        """Log the decompositions of one step that needed a fallback method; none by default."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; stack state is copied onto the parameters'
@@ -507,7 +633,9 @@ class StackedOptimizer(torch.optim.Optimizer):
                 size = len(stacks[key].blocks)
                 loaded = self.state[key]
                 if len(loaded.get("step", [])) != size:
-                    raise ValueError(f"loaded state for {key!r} has {len(loaded.get('step', []))} blocks, expected {size}")
+                    raise ValueError(
+                        f"loaded state for {key!r} has {len(loaded.get('step', []))} blocks, expected {size}"
+                    )
                 self.state[key] = {
                     k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in loaded.items()

@@ -344,16 +344,14 @@ class Shampoo(StackedOptimizer):
         result.update = direction
         return result
 
-    def _commit(self, pending: list[Any], updates: list[Any]) -> None:
-        """Commit the step, then log its Newton-to-eigh fallbacks in one warning (under sharded
-        state: those of the blocks this rank owns)."""
-        super()._commit(pending, updates)
-        fallbacks = sum(item.result.fallbacks for item in pending)
-        if fallbacks:
+    def report_fallbacks(self, count: int) -> None:
+        """Log the step's Newton-to-eigh fallbacks in one warning (under sharded state: those of
+        the blocks this rank owns)."""
+        if count:
             logger.warning(
                 "Shampoo: %d inverse roots did not converge by the coupled Newton iteration and were "
                 "computed by eigh instead (per factor: fallback_counts())",
-                fallbacks,
+                count,
             )
 
     def fallback_counts(self) -> dict[str, torch.Tensor]:
