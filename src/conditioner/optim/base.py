@@ -42,7 +42,6 @@ decoded and re-encoded (``restate`` adapts the entries) before it is used.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -192,8 +191,8 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._full_layouts: dict[int, list[Stack]] = {}
         #: per group, the ``state_precision`` its stored state is encoded in
         self._stored_precisions: list[str] = []
-        #: updates withheld since the last check because they held NaN or Inf (a device count)
-        self._withheld: torch.Tensor | None = None
+        #: per update applied since the last check: was it finite (a device bool; False: withheld)
+        self._guards: list[torch.Tensor] = []
         super().__init__(params, defaults)
 
     def validate(self, options: dict[str, Any]) -> None:
@@ -229,7 +228,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.forget_layouts()
         self.nonfinite = self.defaults["nonfinite"]
-        self._withheld = None
+        self._guards = []
         self._stored_precisions = [group.get("state_precision", "full") for group in self.param_groups]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -355,15 +354,15 @@ class StackedOptimizer(torch.optim.Optimizer):
         return stack.gather(grads[group_index], members, statistics_dtype(group["params"], group.get("state_dtype")))
 
     def _gradient_norms(self, grads: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
-        """The norm of every gradient in its group's statistics dtype; a gradient whose squares
-        overflow, and would poison the statistics, has an infinite norm too."""
-        norms = []
+        """The norm of every gradient in its group's statistics dtype (one fused call per group); a
+        gradient whose squares overflow, and would poison the statistics, has an infinite norm too."""
+        norms: list[torch.Tensor] = []
         for group_index, tensors in grads.items():
             group = self.param_groups[group_index]
             dtype = statistics_dtype(group["params"], group.get("state_dtype"))
-            norms.extend(
-                torch.linalg.vector_norm(g, dtype=dtype) for g, p in zip(tensors, group["params"]) if p.grad is not None
-            )
+            present = [g for g, p in zip(tensors, group["params"]) if p.grad is not None and g.numel()]
+            if present:
+                norms.extend(torch._foreach_norm(present, 2, dtype=dtype))
         return norms
 
     def _allowed(self, finite: bool, what: str) -> bool:
@@ -384,14 +383,15 @@ class StackedOptimizer(torch.optim.Optimizer):
         policy, and forgotten; a non-finite gradient raises or skips the step before anything
         changes."""
         flags = [torch.stack(norms).isfinite().all().to(torch.int64)] if norms else []
-        if self._withheld is not None:
-            flags.append(self._withheld.to(flags[0].device) if flags else self._withheld)
+        if self._guards:
+            withheld = (~torch.stack(self._guards)).sum()
+            flags.append(withheld.to(flags[0].device) if flags else withheld)
         if not flags:
             return True
         values = torch.stack(flags).tolist()
-        withheld = values[-1] if self._withheld is not None else 0
+        withheld = values[-1] if self._guards else 0
+        self._guards = []
         if withheld:
-            self._withheld = None
             message = (
                 f"{type(self).__name__}: {withheld} block update(s) of an earlier step held NaN or Inf "
                 "(from finite gradients) and were not applied; the state of those blocks took the step"
@@ -450,14 +450,12 @@ class StackedOptimizer(torch.optim.Optimizer):
         synchronisation) and reported at the next step's check. From finite gradients and state
         this takes degenerate settings (``eps=0`` with a coordinate that never moved) or
         overflow; the parameters never see the values."""
-        guarded = []
         for change in updates:
-            finite = change.update.isfinite().all()
-            bad = (~finite).to(torch.int64)
-            self._withheld = bad if self._withheld is None else self._withheld + bad.to(self._withheld.device)
-            guarded.append(dataclasses.replace(change, update=torch.where(finite, change.update, 0.0)))
-            change.update = guarded[-1].update
-        return guarded
+            finite = change.update.sum().isfinite()  # a sum is NaN or Inf when any term is (or overflows)
+            self._guards.append(finite)
+            # In place: a kernel's update is its own tensor (or a finite gradient, left as it is).
+            change.update.masked_fill_(~finite, 0.0)
+        return updates
 
     @staticmethod
     def _finite(tensors: list[torch.Tensor]) -> bool:
