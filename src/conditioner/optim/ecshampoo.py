@@ -176,7 +176,8 @@ def corrected_refresh(
 
     The staleness ρ of every factor comes from one product and no host synchronisation; one
     synchronisation then picks the stale blocks so that only they pay for a decomposition (a
-    refresh-step exception to the step's one host read). ``synchronise=False`` (the on-device
+    refresh-step exception to the step's one host read; a fixed refresh, every block stale,
+    reads nothing). ``synchronise=False`` (the on-device
     policy) reads nothing on the host: every block is decomposed and the stale ones take the
     result (``torch.where``), so a fresh block costs its decomposition too.
     Descending order: ``eigh`` columns by descending eigenvalue, QR by :func:`qr_refresh`
@@ -197,9 +198,9 @@ def corrected_refresh(
         else:
             current = staleness(factor, basis)
             stale = current.rho > tolerance
-        if not synchronise:
+        if tolerance is None or not synchronise:  # every block decomposed: nothing to pick on the host
             refreshed = _refreshed(factor, basis, method, tolerance, max_qr_iterations, ascending, current)
-            new[d] = torch.where(stale[:, None, None], refreshed, basis)
+            new[d] = refreshed if tolerance is None else torch.where(stale[:, None, None], refreshed, basis)
             changed[d] = stale.to(torch.int64)
             continue
         index = stale.nonzero().flatten()
