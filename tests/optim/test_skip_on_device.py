@@ -24,6 +24,7 @@ from cases import (
 )
 
 import conditioner.linalg.eigh as eigh_module
+import conditioner.optim.base as base
 from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo
 from conditioner.distributed import shard_state
 
@@ -85,6 +86,7 @@ def test_a_skipped_step_changes_no_parameter_and_no_state_tensor(name, value, wh
         ("ECS", "bfloat16"),
         ("ECS", "4bit"),
         ("Shampoo", "bfloat16"),
+        ("Shampoo", "4bit"),
         ("Muon", "bfloat16"),
     ],
     ids=lambda p: "-".join(p),
@@ -103,6 +105,61 @@ def test_a_skipped_refresh_step_leaves_bfloat16_and_4bit_state_as_it_was(precisi
     assert_params_equal(params_of(model), params)
     _assert_same_tensors(_tensors(opt), tensors)
     assert int(opt.skipped_steps()) == 1
+
+
+@pytest.mark.parametrize("when", ["later", "refresh"])
+@pytest.mark.parametrize("name", list(ALL))
+def test_a_skipped_step_in_chunks_of_one_block_changes_nothing(name, when, monkeypatch):
+    """One block per chunk: each chunk writes its rows of the stack in place, masked by the
+    device bool; a skipped step still leaves every parameter and state tensor bit for bit, and
+    the finite steps around it train as the step in one piece does (same arithmetic per block,
+    batched differently: float32 round-off, below 1e-5 over these few steps of lr 1e-2)."""
+    done = {"later": 2, "refresh": BEFORE_REFRESH[name]}[when]
+    runs = []
+    for chunk in (2**22, 1):
+        monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk)
+        model = make_model()
+        opt = ALL[name](model.parameters(), nonfinite=DEVICE, weight_decay=0.1)
+        train(model, opt, done)
+        params, tensors = params_of(model), _tensors(opt)
+        _poisoned_step(model, done, float("nan"))
+        opt.step()
+        assert_params_equal(params_of(model), params)
+        _assert_same_tensors(_tensors(opt), tensors)
+        train(model, opt, 2, start=done)
+        runs.append(params_of(model))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_update_holding_nan_is_withheld_and_counted_for_report_failures(monkeypatch):
+    """From finite gradients a kernel's update can still hold NaN: under the on-device policy it
+    is withheld as under "raise" (the parameters never see it, the state took the step), the
+    step is not counted as skipped, and no later step raises: report_failures() tells."""
+    model = make_model()
+    opt = ALL["SOAP"](model.parameters(), nonfinite=DEVICE)
+    train(model, opt, 2)
+    kernel = SOAP.stack_step
+
+    def poisoned(self, group, stack, *args):
+        result = kernel(self, group, stack, *args)
+        if result.update is not None and stack.preconditioned_dims:
+            result.update = torch.full_like(result.update, float("nan"))
+        return result
+
+    monkeypatch.setattr(SOAP, "stack_step", poisoned)
+    train(model, opt, 1, start=2)
+    monkeypatch.undo()
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    train(model, opt, 1, start=3)
+    assert int(opt.skipped_steps()) == 0
+    reported = opt.report_failures()
+    # one update per stack of preconditioned blocks (each stack is one chunk here)
+    matrices = sum(1 for g in range(len(opt.param_groups)) for stack in opt.layout(g) if stack.preconditioned_dims)
+    assert reported == {
+        f"{matrices} block update(s) of SOAP held NaN or Inf (from finite gradients) and were not "
+        "applied; the state of those blocks took the step": matrices
+    }
 
 
 @pytest.mark.parametrize("name", list(ALL))
