@@ -24,9 +24,9 @@ from cases import (
 )
 
 import conditioner.linalg.eigh as eigh_module
-import conditioner.optim.base as base
 from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo
 from conditioner.distributed import shard_state
+from conditioner.optim import base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

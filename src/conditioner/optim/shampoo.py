@@ -19,9 +19,9 @@ import torch
 from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import inverse_root_from_eigh, newton_root, safe_eigh
-from conditioner.optim import eigenpairs
 from conditioner.linalg.deferred import warn_later
-from conditioner.optim.base import ON_DEVICE, COMMON_CHECKS, StackedOptimizer, StackResult, bias_step, learning_rate
+from conditioner.optim import eigenpairs
+from conditioner.optim.base import COMMON_CHECKS, ON_DEVICE, StackedOptimizer, StackResult, bias_step, learning_rate
 from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
 from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
 from conditioner.optim.precision import PRECISIONS, schedule
