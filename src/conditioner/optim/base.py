@@ -470,11 +470,11 @@ class StackedOptimizer(torch.optim.Optimizer):
         grads = self._gradients()
         plan = self._plan(grads)
         if self.sharding is None:
+            finite = None
             with deferring_warnings() as warnings:
                 if self.nonfinite == ON_DEVICE:
                     finite = self._step_on_device(plan, grads)
                 elif self._checked(self._gradient_norms(grads)):
-                    finite = None
                     self._step_in_chunks(plan, grads)
             self._hold(warnings, finite)
             return loss
