@@ -12,8 +12,13 @@ The FLOOR kernel is what a SOAP step cannot avoid on an ordinary step: for every
 four projection products (Q_Lᵀ G, ·Q_R, Q_L·, ·Q_Rᵀ) and the two factor products G Gᵀ, Gᵀ G,
 run back to back as bare matmuls on preallocated tensors of the same shapes and dtype.
 
+``--nonfinite raise skip_on_device`` runs each conditioner optimizer under each listed NaN/Inf
+policy (named ``optimizer [policy]``): the on-device policy takes no host synchronisation, which
+costs or saves little on a CPU, where reading a value waits for nothing.
+
 Usage: python benchmarks/optimizer_step.py [--steps 40] [--models mlp transformer]
                                            [--schedule round-robin|sequential] [--json FILE]
+                                           [--nonfinite raise skip_on_device]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 import conditioner
+from conditioner.optim.base import NONFINITE_POLICIES
 
 WARMUP = 11
 SOAP_SETTINGS = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=10)
@@ -73,14 +79,16 @@ MODELS = {"mlp": make_mlp, "transformer": make_transformer}
 def optimizers() -> dict[str, Callable]:
     table: dict[str, Callable] = {
         "AdamW": lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01),
-        "conditioner.SOAP": lambda p: conditioner.SOAP(p, **SOAP_SETTINGS),
-        "conditioner.ECShampoo": lambda p: conditioner.EigenvalueCorrectedShampoo(
-            p, lr=3e-3, precondition_frequency=10, max_precond_dim=10000
+        "conditioner.SOAP": lambda p, **kw: conditioner.SOAP(p, **SOAP_SETTINGS, **kw),
+        "conditioner.ECShampoo": lambda p, **kw: conditioner.EigenvalueCorrectedShampoo(
+            p, lr=3e-3, precondition_frequency=10, max_precond_dim=10000, **kw
         ),
-        "conditioner.ECShampoo-adaptive": lambda p: conditioner.EigenvalueCorrectedShampoo(
-            p, lr=3e-3, precondition_frequency=10, refresh="adaptive", tolerance=0.1, max_precond_dim=10000
+        "conditioner.ECShampoo-adaptive": lambda p, **kw: conditioner.EigenvalueCorrectedShampoo(
+            p, lr=3e-3, precondition_frequency=10, refresh="adaptive", tolerance=0.1, max_precond_dim=10000, **kw
         ),
-        "conditioner.Shampoo": lambda p: conditioner.Shampoo(p, lr=3e-3, precondition_frequency=10, max_preconditioner_dim=10000),
+        "conditioner.Shampoo": lambda p, **kw: conditioner.Shampoo(
+            p, lr=3e-3, precondition_frequency=10, max_preconditioner_dim=10000, **kw
+        ),
     }
     try:
         import heavyball
@@ -97,6 +105,22 @@ def optimizers() -> dict[str, Callable]:
     except ImportError:
         pass
     return table
+
+
+def with_policies(table: dict[str, Callable], policies: list[str]) -> dict[str, Callable]:
+    """The conditioner optimizers once per NaN/Inf policy (named ``name [policy]`` unless there
+    is one policy); the others as they are."""
+    if policies == ["raise"]:
+        return table
+    result: dict[str, Callable] = {}
+    for name, factory in table.items():
+        if not name.startswith("conditioner."):
+            result[name] = factory
+            continue
+        for policy in policies:
+            label = name if len(policies) == 1 else f"{name} [{policy}]"
+            result[label] = lambda p, factory=factory, policy=policy: factory(p, nonfinite=policy)
+    return result
 
 
 def gradients(model_name: str, steps: int) -> tuple[dict, list[list[torch.Tensor]]]:
@@ -187,14 +211,22 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", default=None)
     parser.add_argument("--schedule", choices=["round-robin", "sequential"], default="round-robin")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument(
+        "--nonfinite",
+        nargs="+",
+        default=["raise"],
+        choices=list(NONFINITE_POLICIES),
+        help="run each conditioner optimizer under each of these policies",
+    )
     args = parser.parse_args()
-    table = optimizers()
+    table = with_policies(optimizers(), args.nonfinite)
     chosen = args.optimizers or list(table)
     results = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "schedule": args.schedule,
+        "nonfinite": args.nonfinite,
         "models": {},
     }
     for model_name in args.models:
@@ -205,9 +237,11 @@ def main() -> None:
         floor = rows["floor kernel"]
         results["models"][model_name] = rows
         print(f"\n{model_name}: {args.steps} timed steps, {torch.get_num_threads()} threads, {args.schedule}")
-        print(f"{'optimizer':34s} {'median ms':>10s} {'× floor':>8s} {'mean ms':>10s}")
+        print(f"{'optimizer':50s} {'median ms':>10s} {'× floor':>8s} {'mean ms':>10s}")
         for name, row in rows.items():
-            print(f"{name:34s} {row['median_ms']:10.2f} {row['median_ms'] / floor['median_ms']:8.2f} {row['mean_ms']:10.2f}")
+            print(
+                f"{name:50s} {row['median_ms']:10.2f} {row['median_ms'] / floor['median_ms']:8.2f} {row['mean_ms']:10.2f}"
+            )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -115,3 +115,29 @@ def test_an_ordinary_step_on_the_gpu_synchronises_at_most_once(name):
         torch.cuda.set_sync_debug_mode("default")
     synchronising = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(synchronising) <= 1, [str(w.message) for w in synchronising]
+
+
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_an_on_device_policy_step_never_synchronises(name, poisoned):
+    """With the sync debug mode on "error" every synchronising CUDA call raises: an ordinary step
+    under nonfinite="skip_on_device" takes none, whether it is applied or skipped (then the
+    parameters stay bit for bit, and the device counter says so when read afterwards)."""
+    model = _model("cuda", torch.float32)
+    optimizer = OPTIMIZERS[name](model.parameters(), nonfinite="skip_on_device", weight_decay=0.1)
+    _train(model, optimizer, range(4), "cuda")  # the first four steps hold a refresh; the fifth is ordinary
+    x, y = _batch(4, "cuda", torch.float32)
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    if poisoned:
+        next(model.parameters()).grad[1, 2] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(optimizer.skipped_steps()) == int(poisoned)
+    unchanged = [torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)]
+    assert all(unchanged) if poisoned else not any(unchanged)

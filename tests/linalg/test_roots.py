@@ -256,3 +256,20 @@ def test_newton_root_of_a_rank_deficient_float32_factor_stays_bounded():
     assert result.fell_back.all()
     assert bool(torch.isfinite(result.root).all()) and float(result.root.abs().max()) <= 1e3 * 1.001
     assert torch.equal(result.root, inverse_root_eigh(factor, 4, 1e-12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_newton_root_without_synchronisation_gives_the_synchronising_roots_bit_for_bit(dtype):
+    """The mixed stack of the test above (one member diverges) plus a rank-one float32 factor: run
+    to max_iterations with the stopped matrices masked, the roots are exactly those of the early
+    stopping loop, and the eigh fallback of the whole stack is taken exactly where it did not
+    converge. The count stays on the device."""
+    rng = np.random.default_rng(21)
+    d, p, epsilon = 8, 4, 1e-2
+    spectra = [np.geomspace(1.0, 0.1, d), np.r_[np.linspace(1.0, 0.2, d - 1), -0.3], np.geomspace(2.0, 0.5, d)]
+    t, _ = as_torch(np.stack([with_spectrum(rng, s) for s in spectra]), dtype)
+    synchronising = newton_root(t, p, epsilon)
+    masked = newton_root(t, p, epsilon, synchronise=False)
+    assert torch.equal(masked.root, synchronising.root)
+    assert torch.equal(masked.fell_back, synchronising.fell_back)
+    assert isinstance(masked.fallbacks, torch.Tensor) and int(masked.fallbacks) == synchronising.fallbacks == 1

@@ -139,8 +139,8 @@ def test_an_update_holding_nan_never_reaches_the_parameters_and_is_reported(monk
         optimizer.step()
     kernel = SOAP.stack_step
 
-    def poisoned(self, group, stack, state, grad, step):
-        result = kernel(self, group, stack, state, grad, step)
+    def poisoned(self, group, stack, *args):
+        result = kernel(self, group, stack, *args)
         if stack.preconditioned_dims:
             result.update = torch.full_like(result.update, float("nan"))
         return result

@@ -296,9 +296,15 @@ def shard_state(optimizer: Any, process_group: Any = None, timeout: timedelta | 
     before its first step, on every rank; every rank must then call ``step()`` in lockstep with
     the same gradients (DDP, or FSDP2). ``timeout`` bounds each exchange (default: the process
     group's timeout). Not combined with :func:`spread_refresh`: the owner of a block refreshes it.
-    Returns the :class:`ShardedState`."""
+    Nor with ``nonfinite="skip_on_device"``: the ranks agree on skipping a step through the update
+    exchange, which reads its verdict on the host. Returns the :class:`ShardedState`."""
     if not hasattr(optimizer, "sharding"):
         raise TypeError(f"optimizer: must be a conditioner optimizer, got {type(optimizer).__name__}")
+    if optimizer.nonfinite == "skip_on_device":
+        raise ValueError(
+            "optimizer: nonfinite='skip_on_device' cannot be combined with shard_state, whose update exchange "
+            "agrees on a skip on the host; use nonfinite='raise' or 'skip'"
+        )
     if optimizer.executor is not None:
         raise ValueError("optimizer: already spreads its refreshes (spread_refresh); shard_state replaces that")
     if optimizer.state:

@@ -5,6 +5,14 @@ corrupted gradient) non-finite. LAPACK's ``syevd`` then either raises or returns
 function here takes a stack ``A`` of shape ``(B, d, d)`` and handles each matrix on its own:
 non-finite input is never decomposed, a failing decomposition is retried in float64 and then with
 diagonal jitter, and a matrix that still fails keeps the basis it had before (or the identity).
+
+Nothing here reads a tensor on the host unless LAPACK raised: per-matrix decisions are
+``torch.where`` masks, and the warning about failed matrices goes through
+:func:`conditioner.linalg.deferred.warn_later` (logged at the caller's synchronisation inside an
+optimizer step). ``torch.linalg.eigh`` itself checks LAPACK's / cuSOLVER's ``info`` on the host
+(``_linalg_check_errors``, one read per call on CUDA); torch 2.13 has no variant without that
+check: there is no ``eigh_ex``, and ``torch._linalg_eigh`` (no ``check_errors`` argument) raises
+the same ``LinAlgError`` on a matrix of NaN, so the check is inside it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import logging
 from typing import NamedTuple
 
 import torch
+
+from conditioner.linalg.deferred import warn_later
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +48,36 @@ def _symmetrise(a: torch.Tensor) -> torch.Tensor:
 
 
 def _try_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """eigh of a stack, or None when LAPACK fails or the result is not finite."""
+    """eigh of a stack, or None when LAPACK fails (a non-finite result is judged per matrix by
+    the caller, without reading it on the host)."""
     try:
-        vals, vecs = torch.linalg.eigh(a)
+        return torch.linalg.eigh(a)
     except (torch.linalg.LinAlgError, RuntimeError):
         return None
-    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+
+
+def _try_eigh_finite(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """eigh of one matrix, or None when LAPACK fails or the result is not finite (the retries
+    below run only after LAPACK raised, when the host has waited already)."""
+    result = _try_eigh(a)
+    if result is None or not (torch.isfinite(result[0]).all() and torch.isfinite(result[1]).all()):
         return None
-    return vals, vecs
+    return result
 
 
 def _eigh_one_with_fallbacks(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Decompose one matrix: its own dtype, then float64, then float64 with growing jitter."""
-    result = _try_eigh(a)
+    result = _try_eigh_finite(a)
     if result is not None:
         return result
     a64 = a.double()
-    result = _try_eigh(a64)
+    result = _try_eigh_finite(a64)
     scale = a64.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(a.shape[-1], dtype=torch.float64, device=a.device)
     for jitter in _JITTER_SCALES:
         if result is not None:
             break
-        result = _try_eigh(a64 + (jitter * scale) * eye)
+        result = _try_eigh_finite(a64 + (jitter * scale) * eye)
     if result is None:
         return None
     vals, vecs = result
@@ -79,7 +96,8 @@ def safe_eigh(
     order with ``descending=False`` (a kept or identity basis is returned as it is). Matrices that are non-finite, or whose
     decomposition fails even in float64 with jitter, get ``previous[i]`` (or the identity when
     ``previous`` is None) as their basis, zero eigenvalues, and ``failed[i] = True``; a warning is
-    logged. An all-zero matrix gets the identity basis. The decomposition runs in
+    logged (:func:`~conditioner.linalg.deferred.warn_later`). A matrix whose batched result is not
+    finite (LAPACK did not raise) counts as failed without a retry. An all-zero matrix gets the identity basis. The decomposition runs in
     ``compute_dtype`` (default: float64 for float64 input, float32 otherwise) and the result is
     returned in that dtype.
     """
@@ -102,7 +120,7 @@ def safe_eigh(
     result = _try_eigh(clean)
     if result is not None:
         vals, vecs = result
-        ok = usable
+        ok = usable & _is_finite(vecs) & torch.isfinite(vals).all(-1)
     else:
         per_matrix = [_eigh_one_with_fallbacks(m) for m in clean]
         ok = usable & torch.tensor([r is not None for r in per_matrix], device=a.device)
@@ -116,11 +134,10 @@ def safe_eigh(
     keep_identity = zero & finite
     vecs = torch.where(ok[:, None, None], vecs, torch.where(keep_identity[:, None, None], eye, fallback))
     vals = torch.where(ok[:, None], vals, torch.zeros_like(vals))
-    if bool(failed.any()):
-        logger.warning(
-            "eigendecomposition failed for %d of %d matrices of size %d; kept their previous basis",
-            int(failed.sum()),
-            batch,
-            dim,
-        )
+    warn_later(
+        logger,
+        "eigendecomposition failed for %d matrices of size %d; kept their previous basis",
+        failed.sum(),
+        dim,
+    )
     return Eigh(vals, vecs, failed)

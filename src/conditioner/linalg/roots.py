@@ -54,11 +54,12 @@ def _integer_power(x: torch.Tensor, n: int) -> torch.Tensor:
 class NewtonRoot(NamedTuple):
     """Result of :func:`newton_root`: the inverse roots ``(B, d, d)``; ``fell_back`` ``(B,)``,
     True where the Newton iteration did not converge and the root is the eigh root instead; and
-    ``fallbacks``, their number, known on the host without a synchronisation."""
+    ``fallbacks``, their number: a host integer, or with ``synchronise=False`` a 0-dim device
+    tensor."""
 
     root: torch.Tensor
     fell_back: torch.Tensor
-    fallbacks: int
+    fallbacks: int | torch.Tensor
 
 
 def newton_root(
@@ -67,6 +68,7 @@ def newton_root(
     epsilon: float = 0.0,
     max_iterations: int = 100,
     tolerance: float = 1e-6,
+    synchronise: bool = True,
 ) -> NewtonRoot:
     """``(A + εI)^(-1/p)`` by the coupled Newton iteration, for an integer ``p ≥ 1``, with
     :func:`inverse_root_eigh` for the matrices where the iteration does not converge.
@@ -83,8 +85,14 @@ def newton_root(
     not finite stops iterating; one whose residual is still above ``tolerance`` after
     ``max_iterations`` (or not finite) did not converge, and exactly those are recomputed by
     eigh (negative eigenvalues clamped to 0, as :func:`inverse_root_from_eigh`). The iteration
-    synchronises with the host once per step, as before; the fallback adds one synchronisation
-    only when some matrix did not converge.
+    synchronises with the host once per step, to stop as soon as every matrix has; the fallback
+    adds one synchronisation only when some matrix did not converge.
+
+    ``synchronise=False`` reads nothing on the host: all ``max_iterations`` steps run (a matrix
+    that has stopped is masked with ``torch.where``, so every root is bit for bit the one of the
+    synchronising loop), and the eigh roots of the whole stack are computed and taken where the
+    iteration did not converge. That costs the steps an early stop would save and one eigh of
+    every matrix; it is the price of never waiting for the device.
     """
     _check_root_arguments(a, p, epsilon)
     if int(p) != p:
@@ -103,13 +111,20 @@ def newton_root(
         error = (m - eye).abs().flatten(-2).amax(-1)
         unconverged = ~(error < tolerance)
         active = unconverged & torch.isfinite(error)
-        any_active, any_unconverged = torch.stack([active.any(), unconverged.any()]).tolist()
-        if not any_active or iteration == max_iterations:
+        if synchronise:
+            any_active, any_unconverged = torch.stack([active.any(), unconverged.any()]).tolist()
+            if not any_active:
+                break
+        if iteration == max_iterations:
             break
         t = ((p + 1) * eye - m) / p
         mask = active[:, None, None]
         x = torch.where(mask, x @ t, x)
         m = torch.where(mask, _integer_power(t, p) @ m, m)
+    if not synchronise:
+        eigh_root = inverse_root_eigh(a.to(dtype), p, epsilon)
+        x = torch.where(unconverged[:, None, None], eigh_root, x)
+        return NewtonRoot(x.to(a.dtype), unconverged, unconverged.sum())
     if not any_unconverged:
         return NewtonRoot(x.to(a.dtype), unconverged, 0)
     index = unconverged.nonzero().flatten()

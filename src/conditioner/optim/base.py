@@ -15,6 +15,21 @@ decomposition keeps the old basis or root); an exception from elsewhere in the m
 such as running out of memory, leaves the chunks before it stepped, as in torch's own in-place
 optimizers.
 
+Refresh failures (an eigh that could not be trusted; :mod:`conditioner.linalg.deferred`) are
+counted on the device under every policy and logged at the next step's check, which reads them
+with the gradients' flags (or by :meth:`report_failures`). Two refresh paths still read the host
+under ``"raise"`` and ``"skip"``, to save work: the adaptive policy picks its stale blocks
+(ECShampoo, one read per refreshed factor) and Newton's roots stop once converged (Shampoo, one
+read per iteration); these are the refresh-step exceptions to the one-read budget.
+
+``nonfinite="skip_on_device"`` (:data:`ON_DEVICE`) reads nothing on the host: the gradients'
+finiteness is a device bool; each chunk's kernel sees ``where(finite, grad, 0)``, and its state is
+written with ``where(finite, new, old)`` (a fold in place weighs the old factor by 1), its update
+and the weight decay masked likewise; a non-finite update is withheld as above. The refreshes then
+run without host reads too (every block decomposed; Newton for all its iterations). Bias
+corrections follow a per-block device count of the steps taken (state entry ``"taken"``), while
+``step`` counts the steps attempted and drives the schedule (docs/algorithms.md §0).
+
 Under sharded state the step keeps two phases, since the ranks exchange every update before any
 is applied: all chunks are computed out of place, checked together with the gradients, and
 committed only then.
@@ -64,12 +79,22 @@ from conditioner.checks import (
     scalar,
 )
 from conditioner.distributed.sharded import UpdateBuffers, full_tensor, local_tensor
+from conditioner.linalg.deferred import DeferredWarning, deferring_warnings, log_counts, merge_counts
 from conditioner.optim.kronecker import fold_in, fold_in_
 from conditioner.optim.precision import Decoded, StoredState, decode, encode, stored_form
 
 logger = logging.getLogger(__name__)
 
-NONFINITE_POLICIES = ("raise", "skip")
+#: the policy that decides on the device whether a step is applied (no host synchronisation)
+ON_DEVICE = "skip_on_device"
+NONFINITE_POLICIES = ("raise", "skip", ON_DEVICE)
+#: updates withheld under the on-device policy (:meth:`StackedOptimizer._guarded`), counted on the device
+_WITHHELD = DeferredWarning(
+    logger.name,
+    "%d block update(s) of %s held NaN or Inf (from finite gradients) and were not applied; the state of "
+    "those blocks took the step",
+    (),
+)
 #: The most gradient elements one chunk of a step holds (16 MiB in float32; a larger block is a
 #: chunk of its own): the memory a step allocates beyond its state is a chunk's, not the model's.
 CHUNK_ELEMENTS = 2**22
@@ -84,7 +109,9 @@ class StackResult:
     """What a kernel hands back for one cohort of a stack.
 
     ``state``: the new state tensors (fresh tensors, or the old ones where unchanged).
-    ``update``: the change to subtract from the parameters, times ``scale``; None for no update.
+    ``update``: the change to subtract from the parameters, times ``scale`` (a number, or under
+    the on-device policy possibly a tensor ``(B, 1, ...)`` of per-block bias corrections); None
+    for no update.
     ``folds``: state key → (U, β): fold the gradient into that factor at commit,
     ``F ← β·F + (1 − β)·U Uᵀ`` (β = 1: ``F ← F + U Uᵀ``), in place, the matmul accumulating
     straight into F. Deferring the fold keeps the old factor intact until every check has passed
@@ -95,7 +122,7 @@ class StackResult:
 
     state: dict[str, torch.Tensor]
     update: torch.Tensor | None = None
-    scale: float = 1.0
+    scale: float | torch.Tensor = 1.0
     folds: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
     fallbacks: int = 0
 
@@ -110,7 +137,7 @@ class Update:
     stack: Stack
     members: list[int]
     update: torch.Tensor
-    scale: float
+    scale: float | torch.Tensor
 
 
 @dataclass
@@ -156,6 +183,16 @@ def learning_rate(group: dict[str, Any]) -> float:
     return float(group["lr"])
 
 
+def bias_step(t: int, step: int, taken: torch.Tensor | None, like: torch.Tensor) -> int | torch.Tensor:
+    """The step number of the bias corrections: the kernel's ``t`` (counted from the host
+    ``step``), or under the on-device policy the same offset from each block's count of steps
+    taken, as a tensor in ``like``'s dtype shaped ``(B, 1, ...)`` to broadcast against it (at
+    least 1: a block whose first, initialising step was skipped corrects its first update as one)."""
+    if taken is None:
+        return t
+    return (taken + (t - step)).clamp_min(1).to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
 def statistics_dtype(params: Iterable[torch.Tensor], requested: torch.dtype | None) -> torch.dtype:
     """float32 for float32/bfloat16/float16 parameters, float64 when any parameter is float64."""
     if requested is not None:
@@ -193,7 +230,14 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._stored_precisions: list[str] = []
         #: per update applied since the last check: was it finite (a device bool; False: withheld)
         self._guards: list[torch.Tensor] = []
+        self._forget_device_counts()
         super().__init__(params, defaults)
+
+    def _forget_device_counts(self) -> None:
+        #: steps the on-device policy skipped (a device int64 scalar, None before the first step)
+        #: and the device counts of the refresh warnings not yet logged (:meth:`report_failures`)
+        self._skipped: torch.Tensor | None = None
+        self._unreported: dict[DeferredWarning, torch.Tensor] = {}
 
     def validate(self, options: dict[str, Any]) -> None:
         for name, check in self.checks.items():
@@ -210,12 +254,22 @@ class StackedOptimizer(torch.optim.Optimizer):
         )
 
     def stack_step(
-        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+        self,
+        group: dict[str, Any],
+        stack: Stack,
+        state: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+        step: int,
+        taken: torch.Tensor | None = None,
     ) -> StackResult:
         """Return the stack's new state, its update and the factor folds to apply at commit.
 
         ``state`` holds this cohort's tensors (absent on a block's first step, ``step == 0``);
-        ``grad`` is ``(B, *stack.shape)`` in the statistics dtype. Must not modify its inputs.
+        ``grad`` is ``(B, *stack.shape)`` in the statistics dtype. ``step`` (a host integer)
+        counts the steps the blocks have taken, or under the on-device policy attempted, and
+        drives the schedule; ``taken`` is None, or under that policy each block's count of steps
+        taken (int64 ``(B,)`` on the device), which the bias corrections follow
+        (:func:`bias_step`). Must not modify its inputs.
         """
         raise NotImplementedError
 
@@ -229,6 +283,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         self.forget_layouts()
         self.nonfinite = self.defaults["nonfinite"]
         self._guards = []
+        self._forget_device_counts()
         self._stored_precisions = [group.get("state_precision", "full") for group in self.param_groups]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -378,19 +433,22 @@ class StackedOptimizer(torch.optim.Optimizer):
         return False
 
     def _checked(self, norms: list[torch.Tensor]) -> bool:
-        """The step's one host synchronisation: are the gradients finite, and were updates of an
-        earlier step withheld (:meth:`_guarded`)? Withheld updates are reported here, under the
-        policy, and forgotten; a non-finite gradient raises or skips the step before anything
-        changes."""
+        """The step's one host synchronisation: are the gradients finite, were updates of an
+        earlier step withheld (:meth:`_guarded`), and how many refreshes of earlier steps failed
+        (logged here)? Withheld updates are reported here, under the policy, and forgotten; a
+        non-finite gradient raises or skips the step before anything changes."""
         flags = [torch.stack(norms).isfinite().all().to(torch.int64)] if norms else []
         if self._guards:
-            withheld = (~torch.stack(self._guards)).sum()
-            flags.append(withheld.to(flags[0].device) if flags else withheld)
+            flags.append((~torch.stack(self._guards)).sum())
+        warnings = list(self._unreported)
+        flags.extend(self._unreported[w] for w in warnings)
         if not flags:
             return True
-        values = torch.stack(flags).tolist()
-        withheld = values[-1] if self._guards else 0
+        values = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+        withheld = values[len(flags) - len(warnings) - 1] if self._guards else 0
         self._guards = []
+        self._unreported = {}
+        log_counts(dict(zip(warnings, values[len(flags) - len(warnings) :])))
         if withheld:
             message = (
                 f"{type(self).__name__}: {withheld} block update(s) of an earlier step held NaN or Inf "
@@ -412,12 +470,19 @@ class StackedOptimizer(torch.optim.Optimizer):
         grads = self._gradients()
         plan = self._plan(grads)
         if self.sharding is None:
-            if self._checked(self._gradient_norms(grads)):
-                self._step_in_chunks(plan, grads)
+            finite = None
+            with deferring_warnings() as warnings:
+                if self.nonfinite == ON_DEVICE:
+                    finite = self._step_on_device(plan, grads)
+                elif self._checked(self._gradient_norms(grads)):
+                    self._step_in_chunks(plan, grads)
+            self._hold(warnings, finite)
             return loss
         work = [(g, stack, members, self._gather(g, stack, members, grads)) for g, stack, members in plan]
         finite = self._finite([torch.linalg.vector_norm(grad) for *_, grad in work])
-        pending = self._compute(work) if finite else []
+        with deferring_warnings() as warnings:
+            pending = self._compute(work) if finite else []
+        self._hold(warnings, None)
         finite, updates = self.sharding.exchange(self._updates(pending), finite)
         if not self._allowed(finite, "a gradient"):
             return loss
@@ -430,32 +495,101 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._finish(sum(item.result.fallbacks for item in pending), buffers, decayed)
         return loss
 
-    def _step_in_chunks(self, plan: list[tuple[int, Stack, list[int]]], grads: dict[int, list[torch.Tensor]]) -> None:
-        """Compute and commit chunk after chunk (the gradients were checked): the memory a step
-        allocates beyond the state is one chunk's, whatever the model's size."""
+    def _step_on_device(
+        self, plan: list[tuple[int, Stack, list[int]]], grads: dict[int, list[torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """The step under the on-device policy: the gradients' finiteness stays a device bool
+        (returned; None without gradients), and every chunk is committed masked by it. Updates
+        withheld by :meth:`_guarded` are counted with the refresh warnings (:meth:`report_failures`)."""
+        norms = self._gradient_norms(grads)
+        if not norms:
+            return None
+        finite = torch.stack(norms).isfinite().all()
+        self._step_in_chunks(plan, grads, finite)
+        skipped = (~finite).to(torch.int64)
+        self._skipped = skipped if self._skipped is None else self._skipped + skipped
+        if self._guards:
+            withheld = (~torch.stack(self._guards)).sum()
+            self._guards = []
+            self._add_unreported(_WITHHELD, withheld, type(self).__name__)
+        return finite
+
+    def _step_in_chunks(
+        self,
+        plan: list[tuple[int, Stack, list[int]]],
+        grads: dict[int, list[torch.Tensor]],
+        finite: torch.Tensor | None = None,
+    ) -> None:
+        """Compute and commit chunk after chunk: the memory a step allocates beyond the state is
+        one chunk's, whatever the model's size. The gradients were checked, or (on-device policy)
+        ``finite`` says on the device whether they are: the kernels then see zeros for them when
+        they are not, and the commit leaves state, parameters and decay as they were."""
         buffers: UpdateBuffers = UpdateBuffers()
         decayed: dict[int, tuple[torch.Tensor, float]] = {}
         fallbacks = 0
         for group_index, stack, members in plan:
-            [item] = self._compute([(group_index, stack, members, self._gather(group_index, stack, members, grads))])
-            self._store(item)
+            grad = self._gather(group_index, stack, members, grads)
+            if finite is not None:
+                grad = torch.where(finite, grad, 0.0)
+            [item] = self._compute([(group_index, stack, members, grad)])
+            del grad
+            self._store(item, finite)
             fallbacks += item.result.fallbacks
             updates = self._updates([item])
             del item  # the chunk's new state is stored: let its temporaries go before the update
-            self._apply_updates(self._guarded(updates), buffers, decayed)
-        self._finish(fallbacks, buffers, decayed)
+            self._apply_updates(self._guarded(updates, finite), buffers, decayed)
+        self._finish(fallbacks, buffers, decayed, finite)
 
-    def _guarded(self, updates: list[Update]) -> list[Update]:
+    def _guarded(self, updates: list[Update], finite: torch.Tensor | None = None) -> list[Update]:
         """The updates, each that holds NaN or Inf replaced by zeros, counted on the device (no
         synchronisation) and reported at the next step's check. From finite gradients and state
         this takes degenerate settings (``eps=0`` with a coordinate that never moved) or
-        overflow; the parameters never see the values."""
+        overflow; the parameters never see the values. ``finite`` (on-device policy): zeros too
+        where the gradients were not finite."""
         for change in updates:
-            finite = change.update.sum().isfinite()  # a sum is NaN or Inf when any term is (or overflows)
-            self._guards.append(finite)
+            ok = change.update.sum().isfinite()  # a sum is NaN or Inf when any term is (or overflows)
+            self._guards.append(ok if finite is None else ok | ~finite)
             # In place: a kernel's update is its own tensor (or a finite gradient, left as it is).
-            change.update.masked_fill_(~finite, 0.0)
+            change.update.masked_fill_(~(ok if finite is None else ok & finite), 0.0)
         return updates
+
+    def _add_unreported(self, warning: DeferredWarning, count: torch.Tensor, *args: object) -> None:
+        if args:
+            warning = DeferredWarning(warning.logger, warning.message, args)
+        previous = self._unreported.get(warning)
+        self._unreported[warning] = count if previous is None else previous + count.to(previous.device)
+
+    def _hold(self, warnings: list[tuple[DeferredWarning, torch.Tensor]], finite: torch.Tensor | None) -> None:
+        """Keep the device counts of a step's deferred warnings until they are read (the next
+        step's check, or :meth:`report_failures`); a step the on-device policy skipped adds none."""
+        for warning, found in merge_counts(warnings).items():
+            self._add_unreported(warning, found if finite is None else torch.where(finite, found, 0))
+
+    def skipped_steps(self) -> torch.Tensor:
+        """How many steps the on-device policy skipped since this optimizer was built (or copied,
+        or unpickled; the count is not part of the state dict): an int64 scalar on the
+        parameters' device, handed over without waiting; reading its value (``int(...)``) waits
+        for the device. Zero under the other policies, which skip on the host (with a warning)
+        or raise."""
+        if self._skipped is None:
+            return torch.zeros((), dtype=torch.int64)
+        return self._skipped.clone()
+
+    def report_failures(self) -> dict[str, int]:
+        """Log the warnings held on the device and not yet logged (decompositions that failed,
+        inverse roots that fell back to eigh, updates withheld under the on-device policy; only
+        those of steps applied) and forget them. One host synchronisation; returns each
+        warning's message with its positive count. Under ``"raise"`` and ``"skip"`` the next
+        step's check logs them anyway; the on-device policy has no such check."""
+        if not self._unreported:
+            return {}
+        warnings = list(self._unreported)
+        first = self._unreported[warnings[0]].device
+        values = torch.stack([self._unreported[w].to(first) for w in warnings]).tolist()
+        self._unreported = {}
+        counts = dict(zip(warnings, values))
+        log_counts(counts)
+        return {w.message % (c, *w.args): c for w, c in counts.items() if c > 0}
 
     @staticmethod
     def _finite(tensors: list[torch.Tensor]) -> bool:
@@ -479,8 +613,13 @@ class StackedOptimizer(torch.optim.Optimizer):
             stored = self.state.get(key, {})
             step = stored.get("step", [0] * len(stack.blocks))[members[0]]
             old = self._select(stored, members, len(stack.blocks)) if step > 0 else {}
+            taken = old.pop("taken", None)
+            if self.nonfinite != ON_DEVICE:
+                taken = None
+            elif taken is None:  # a first step: steps taken = steps attempted = 0
+                taken = torch.full((len(members),), step, dtype=torch.int64, device=grad.device)
             working = StoredState(old, grad.dtype)
-            result = self.stack_step(group, stack, working, grad, step)
+            result = self.stack_step(group, stack, working, grad, step, taken)
             pending.append(_Pending(key, stack, group, members, result, working))
         return pending
 
@@ -531,19 +670,33 @@ class StackedOptimizer(torch.optim.Optimizer):
             entries.update({k + entry[len(name) :]: value for entry, value in stored.items()})
         return entries, in_place
 
-    def _store(self, item: _Pending) -> None:
+    def _store(self, item: _Pending, finite: torch.Tensor | None = None) -> None:
         """Write a chunk's new state and fold its gradient into the factors, and count its step.
         A whole stack's entries replace the stored ones; a chunk of a stack is written into its
-        rows in place (a tensor the kernel handed back as it was is left alone)."""
+        rows in place (a tensor the kernel handed back as it was is left alone).
+
+        ``finite`` (on-device policy): a device bool; where it is False every entry keeps its
+        old value (``torch.where``; a fold in place weighs the factor by 1 and adds a zeroed
+        gradient) and the count of steps taken (``"taken"``) does not advance. The host ``step``
+        counts advance either way."""
         entries, folds = self._encode(item)
         stored = self.state.setdefault(item.key, {})
         size = len(item.stack.blocks)
         steps = stored.get("step", [0] * size)
         members = item.members
+        if finite is not None:
+            taken = stored.get("taken")
+            if taken is None:
+                taken = torch.zeros(size, dtype=torch.int64, device=finite.device)
+            entries = {**entries, "taken": self._select({"taken": taken}, members, size)["taken"] + finite}
+            folds = {k: (torch.where(finite, u, 0.0), beta) for k, (u, beta) in folds.items()}
         if len(members) == size:
-            stored.update(entries)
+            for k, v in entries.items():
+                old = stored.get(k)
+                keep = finite is None or old is None or _same_memory(v, old)
+                stored[k] = v if keep else torch.where(finite, v, old)
             for k, (unfolded, beta) in folds.items():
-                fold_in_(stored[k], unfolded, beta)
+                fold_in_(stored[k], unfolded, beta, finite)
         elif members == list(range(members[0], members[0] + len(members))):
             rows = slice(members[0], members[0] + len(members))
             for k, v in entries.items():
@@ -551,9 +704,9 @@ class StackedOptimizer(torch.optim.Optimizer):
                     stored[k] = v.new_zeros((size,) + tuple(v.shape[1:]))
                 target = stored[k][rows]
                 if not _same_memory(v, target):
-                    target.copy_(v)
+                    target.copy_(v if finite is None else torch.where(finite, v, target))
             for k, (unfolded, beta) in folds.items():
-                fold_in_(stored[k][rows], unfolded, beta)
+                fold_in_(stored[k][rows], unfolded, beta, finite)
         else:
             # a kernel hands back only what it changed: a factor it only folds is read here
             folded = {
@@ -564,6 +717,8 @@ class StackedOptimizer(torch.optim.Optimizer):
             for k, v in {**entries, **folded}.items():
                 if k not in stored:
                     stored[k] = v.new_zeros((size,) + tuple(v.shape[1:]))
+                if finite is not None:
+                    v = torch.where(finite, v, stored[k].index_select(0, index.to(v.device)))
                 stored[k].index_copy_(0, index.to(v.device), v)
         stored["step"] = [s + 1 if m in members else s for m, s in enumerate(steps)]
 
@@ -578,9 +733,12 @@ class StackedOptimizer(torch.optim.Optimizer):
             params = change.group["params"]
             tensors = buffers.targets(params, [change.stack.blocks[m] for m in change.members])
             views = change.stack.views(tensors, change.members)
-            targets, deltas = moves.setdefault(-change.scale, ([], []))
+            update, scale = change.update, change.scale
+            if isinstance(scale, torch.Tensor):  # per-block bias corrections (on-device policy)
+                update, scale = update * scale, 1.0
+            targets, deltas = moves.setdefault(-scale, ([], []))
             targets.extend(views)
-            deltas.extend(u.to(v.dtype) for u, v in zip(change.update.unbind(0), views))
+            deltas.extend(u.to(v.dtype) for u, v in zip(update.unbind(0), views))
             factor = 1.0 - learning_rate(change.group) * change.group["weight_decay"]
             for m in change.members:
                 p = params[change.stack.blocks[m].param_index]
@@ -588,16 +746,31 @@ class StackedOptimizer(torch.optim.Optimizer):
         for alpha, (targets, deltas) in moves.items():
             torch._foreach_add_(targets, deltas, alpha=alpha)
 
-    def _finish(self, fallbacks: int, buffers: UpdateBuffers, decayed: dict[int, tuple[torch.Tensor, float]]) -> None:
-        """After every chunk: write the staged parameters back, decay the weights, and report the
-        step's fallbacks (:meth:`report_fallbacks`)."""
+    def _finish(
+        self,
+        fallbacks: int,
+        buffers: UpdateBuffers,
+        decayed: dict[int, tuple[torch.Tensor, float]],
+        finite: torch.Tensor | None = None,
+    ) -> None:
+        """After every chunk: write the staged parameters back, decay the weights (under the
+        on-device policy by 1 where ``finite`` is False), and report the step's fallbacks
+        (:meth:`report_fallbacks`)."""
         buffers.apply()
         by_factor: dict[float, list[torch.Tensor]] = {}
         for p, factor in decayed.values():
             if factor != 1.0:
                 by_factor.setdefault(factor, []).append(local_tensor(p))
         for factor, params in by_factor.items():
-            torch._foreach_mul_(params, factor)
+            if finite is None:
+                torch._foreach_mul_(params, factor)
+                continue
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for p in params:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            for dtype, same in by_dtype.items():
+                kept = torch.full((), factor, dtype=dtype, device=finite.device)
+                torch._foreach_mul_(same, torch.where(finite, kept, 1.0))
         self.report_fallbacks(fallbacks)
 
     def report_fallbacks(self, count: int) -> None:
@@ -634,11 +807,26 @@ class StackedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"loaded state for {key!r} has {len(loaded.get('step', []))} blocks, expected {size}"
                     )
-                self.state[key] = {
-                    k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                    for k, v in loaded.items()
-                }
+                self.state[key] = self._count_steps_for_policy(
+                    {
+                        k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                        for k, v in loaded.items()
+                    }
+                )
         self._convert_precisions()
+
+    def _count_steps_for_policy(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Loaded stack state as this optimizer's policy counts steps: under the on-device policy
+        a device count ``"taken"`` next to ``step`` (from ``step`` when the checkpoint was saved
+        under another policy, where the two agree); under the others ``step`` alone, now the
+        steps taken (a checkpoint of the on-device policy counted the steps attempted)."""
+        taken = state.get("taken")
+        if self.nonfinite == ON_DEVICE and taken is None and "step" in state:
+            device = next((v.device for v in state.values() if isinstance(v, torch.Tensor)), None)
+            state["taken"] = torch.tensor(state["step"], dtype=torch.int64, device=device)
+        elif self.nonfinite != ON_DEVICE and taken is not None:
+            state["step"] = [int(t) for t in state.pop("taken").tolist()]
+        return state
 
     def _convert_precisions(self) -> None:
         """Re-encode the state of every group whose ``state_precision`` differs from the one its
@@ -656,11 +844,12 @@ class StackedOptimizer(torch.optim.Optimizer):
                 stored = self.state.get(key)
                 if not stored:
                     continue
-                working, _ = decode({k: v for k, v in stored.items() if k != "step"}, dtype)
+                counts = {k: stored[k] for k in ("step", "taken") if k in stored}
+                working, _ = decode({k: v for k, v in stored.items() if k not in counts}, dtype)
                 entries: dict[str, Any] = {}
                 for k, v in self.restate(group, stack, working).items():
                     entries.update(encode(k, v, stored_form(self.state_role(k), precision, v)))
-                self.state[key] = {**entries, "step": stored["step"]}
+                self.state[key] = {**entries, **counts}
             self._stored_precisions[group_index] = precision
 
     def refresh_counts(self) -> dict[str, torch.Tensor]:

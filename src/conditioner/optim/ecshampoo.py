@@ -8,6 +8,7 @@ import torch
 
 from conditioner.checks import choice, count, in_range
 from conditioner.linalg import qr_algorithm, qr_refresh, safe_eigh, staleness
+from conditioner.optim.base import ON_DEVICE
 from conditioner.optim.eigen_adam import EigenAdam, EigenAdamRules
 from conditioner.optim.precision import schedule
 
@@ -152,7 +153,13 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         tolerance = group["tolerance"] if group["refresh"] == "adaptive" else None
         ascending = self.rules_for(group).ascending_bases
         return corrected_refresh(
-            factors, bases, group["refresh_method"], tolerance, group["max_qr_iterations"], ascending
+            factors,
+            bases,
+            group["refresh_method"],
+            tolerance,
+            group["max_qr_iterations"],
+            ascending,
+            synchronise=self.nonfinite != ON_DEVICE,
         )
 
 
@@ -163,11 +170,16 @@ def corrected_refresh(
     tolerance: float | None,
     max_qr_iterations: int,
     ascending: bool = False,
+    synchronise: bool = True,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Refresh by ``eigh`` or warm-started QR; with a ``tolerance`` only the stale factors.
 
     The staleness ρ of every factor comes from one product and no host synchronisation; one
-    synchronisation then picks the stale blocks so that only they pay for a decomposition.
+    synchronisation then picks the stale blocks so that only they pay for a decomposition (a
+    refresh-step exception to the step's one host read; a fixed refresh, every block stale,
+    reads nothing). ``synchronise=False`` (the on-device
+    policy) reads nothing on the host: every block is decomposed and the stale ones take the
+    result (``torch.where``), so a fresh block costs its decomposition too.
     Descending order: ``eigh`` columns by descending eigenvalue, QR by :func:`qr_refresh`
     (columns sorted descending before each step). ``ascending`` (the authors' refresh, Meta's
     Distributed Shampoo): ``eigh``'s ascending order, and QR by :func:`qr_algorithm` on every
@@ -186,20 +198,36 @@ def corrected_refresh(
         else:
             current = staleness(factor, basis)
             stale = current.rho > tolerance
+        if tolerance is None or not synchronise:  # every block decomposed: nothing to pick on the host
+            refreshed = _refreshed(factor, basis, method, tolerance, max_qr_iterations, ascending, current)
+            new[d] = refreshed if tolerance is None else torch.where(stale[:, None, None], refreshed, basis)
+            changed[d] = stale.to(torch.int64)
+            continue
         index = stale.nonzero().flatten()
         if index.numel() == 0:
             continue
         sub_factor = factor.index_select(0, index)
         sub_basis = basis.index_select(0, index)
-        if method == "eigh":
-            eig = safe_eigh(sub_factor, previous=sub_basis, descending=not ascending)
-            refreshed = eig.eigenvectors.to(basis.dtype)
-        else:
-            initial = None if current is None else type(current)(*(x.index_select(0, index) for x in current))
-            refreshed = qr_refresh(sub_factor, sub_basis, tolerance or 0.0, max_qr_iterations, initial).basis
+        initial = None if current is None else type(current)(*(x.index_select(0, index) for x in current))
+        refreshed = _refreshed(sub_factor, sub_basis, method, tolerance, max_qr_iterations, ascending, initial)
         new[d] = basis.index_copy(0, index, refreshed)
         changed[d] = stale.to(torch.int64)
     return new, changed, {}
+
+
+def _refreshed(
+    factor: torch.Tensor,
+    basis: torch.Tensor,
+    method: str,
+    tolerance: float | None,
+    max_qr_iterations: int,
+    ascending: bool,
+    current: Any,
+) -> torch.Tensor:
+    """The refreshed basis of every block of ``factor`` by ``eigh`` or warm-started QR."""
+    if method == "eigh":
+        return safe_eigh(factor, previous=basis, descending=not ascending).eigenvectors.to(basis.dtype)
+    return qr_refresh(factor, basis, tolerance or 0.0, max_qr_iterations, current).basis
 
 
 def _qr_algorithm_refresh(

@@ -29,7 +29,7 @@ from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import Staleness, descending_order, safe_eigh, staleness
 from conditioner.optim import eigenpairs
 from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, bias_step, learning_rate
 from conditioner.optim.kronecker import (
     factor_key,
     fold_in,
@@ -164,7 +164,13 @@ class EigenAdam(StackedOptimizer):
         return state
 
     def stack_step(
-        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+        self,
+        group: dict[str, Any],
+        stack: Stack,
+        state: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+        step: int,
+        taken: torch.Tensor | None = None,
     ) -> StackResult:
         dims = stack.preconditioned_dims
         skip_first_update = not group["update_first_step"]
@@ -202,8 +208,9 @@ class EigenAdam(StackedOptimizer):
         projected = project(grad, bases)
         exp_avg = torch.lerp(new_state["exp_avg"], projected, 1.0 - beta1)
         exp_avg_sq = torch.mul(new_state["exp_avg_sq"], beta2).addcmul_(projected, projected, value=1.0 - beta2)
-        correction1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
-        correction2 = 1.0 - beta2**t if group["correct_bias"] else 1.0
+        counted = bias_step(t, step, taken, grad)
+        correction1 = 1.0 - beta1**counted if group["correct_bias"] else 1.0
+        correction2 = 1.0 - beta2**counted if group["correct_bias"] else 1.0
         # m̂ / (sqrt(v̂) + ε) = (sqrt(c2)/c1) · m / (sqrt(v) + ε·sqrt(c2)); SOAP adds ε before correcting.
         eps = group["eps"] if rules.epsilon_outside_correction else group["eps"] * correction2**0.5
         direction = exp_avg / exp_avg_sq.sqrt().add_(eps)

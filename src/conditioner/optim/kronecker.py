@@ -76,10 +76,21 @@ def fold_in(factor: torch.Tensor, unfolded: torch.Tensor, beta: float) -> torch.
     return torch.baddbmm(factor, unfolded, unfolded.mT, beta=keep, alpha=weight)
 
 
-def fold_in_(factor: torch.Tensor, unfolded: torch.Tensor, beta: float) -> torch.Tensor:
-    """:func:`fold_in` in place: the matmul accumulates straight into ``factor``."""
+def fold_in_(
+    factor: torch.Tensor, unfolded: torch.Tensor, beta: float, applied: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`fold_in` in place: the matmul accumulates straight into ``factor``.
+
+    ``applied`` (a device bool): fold only where it is True, without reading it on the host:
+    ``F ← keep'·F + (1 − β)·U Uᵀ`` with ``keep' = where(applied, keep, 1)``, ``U`` then zeroed by
+    the caller where not applied (a multiplication by 0 would keep a NaN). Not applied, F keeps
+    its values exactly (a −0.0 entry may come back as +0.0)."""
     keep, weight = _weights(beta)
-    return factor.baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=weight)
+    if applied is None:
+        return factor.baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=weight)
+    if keep != 1.0:
+        factor.mul_(torch.where(applied, torch.full((), keep, dtype=factor.dtype, device=factor.device), 1.0))
+    return factor.baddbmm_(unfolded, unfolded.mT, alpha=weight)
 
 
 def transport_diagonal(values: torch.Tensor, old: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from conditioner.blocks import BlockPolicy, Stack
 from conditioner.checks import count, flag, in_range
 from conditioner.linalg import MUON_COEFFICIENTS, newton_schulz
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
+from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, bias_step, learning_rate
 
 #: no dimension is ever split, and every merge is allowed: a matrix is orthogonalised whole
 _UNBOUNDED = 2**62
@@ -94,11 +94,17 @@ class Muon(StackedOptimizer):
         return BlockPolicy(max_preconditioner_dim=_UNBOUNDED, merge_small_dims=True)
 
     def stack_step(
-        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+        self,
+        group: dict[str, Any],
+        stack: Stack,
+        state: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+        step: int,
+        taken: torch.Tensor | None = None,
     ) -> StackResult:
         if len(stack.shape) == 2 and group["orthogonalize"]:
             return self._muon(group, stack, state, grad)
-        return self._adamw(group, state, grad, step + 1)
+        return self._adamw(group, state, grad, bias_step(step + 1, step, taken, grad))
 
     def _muon(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor) -> StackResult:
         beta = group["momentum"]
@@ -108,7 +114,9 @@ class Muon(StackedOptimizer):
         rows, cols = stack.shape
         return StackResult({"momentum": momentum}, update, learning_rate(group) * max(1.0, rows / cols) ** 0.5)
 
-    def _adamw(self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor, t: int) -> StackResult:
+    def _adamw(
+        self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor, t: int | torch.Tensor
+    ) -> StackResult:
         beta1, beta2 = group["adam_betas"]
         exp_avg = torch.lerp(state["exp_avg"], grad, 1.0 - beta1) if state else grad * (1.0 - beta1)
         previous = state["exp_avg_sq"] * beta2 if state else torch.zeros_like(grad)

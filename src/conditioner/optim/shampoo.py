@@ -19,12 +19,17 @@ import torch
 from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import inverse_root_from_eigh, newton_root, safe_eigh
+from conditioner.linalg.deferred import warn_later
 from conditioner.optim import eigenpairs
-from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, learning_rate
+from conditioner.optim.base import COMMON_CHECKS, ON_DEVICE, StackedOptimizer, StackResult, bias_step, learning_rate
 from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
 from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
 from conditioner.optim.precision import PRECISIONS, schedule
 
+_FALLBACK_WARNING = (
+    "Shampoo: %d inverse roots did not converge by the coupled Newton iteration and were computed by eigh "
+    "instead (per factor: fallback_counts())"
+)
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
 ROOT_METHODS = ("eigh", "newton")
 
@@ -214,7 +219,12 @@ class Shampoo(StackedOptimizer):
         return state
 
     def _graft_direction(
-        self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor, momentum: torch.Tensor, t: int
+        self,
+        group: dict[str, Any],
+        state: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+        momentum: torch.Tensor,
+        t: int | torch.Tensor,
     ) -> torch.Tensor:
         kind = group["grafting"]
         if kind in ("sgd", "none"):
@@ -230,22 +240,33 @@ class Shampoo(StackedOptimizer):
         return momentum / (denom + group["grafting_epsilon"])
 
     def _inverse_roots(
-        self, group: dict[str, Any], state: MutableMapping[str, torch.Tensor], dims: list[int], statistics: int
+        self,
+        group: dict[str, Any],
+        state: MutableMapping[str, torch.Tensor],
+        dims: list[int],
+        statistics: int | torch.Tensor,
     ) -> int:
         """Recompute the stack's inverse roots from factors holding ``statistics`` gradients (for
-        the bias correction); returns how many of those this process computed fell back from
-        Newton to eigh. A factor kept as eigenpairs gives its root directly: its eigenbasis and
-        scales ``(λ̂⁺ + ε)^(-1/p)``."""
+        the bias correction; under the on-device policy a per-block tensor); returns how many of
+        those this process computed fell back from Newton to eigh (a host count; under the
+        on-device policy 0, the count being deferred to :meth:`report_failures`). A factor kept
+        as eigenpairs gives its root directly: its eigenbasis and scales ``(λ̂⁺ + ε)^(-1/p)``."""
         beta2 = group["betas"][1]
         correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**statistics
+        if isinstance(correction, torch.Tensor):  # per block: shaped for the (B, d, d) factors
+            correction = correction.reshape(-1, 1, 1)
         p = group["exponent_override"] or 2 * len(dims)
+        synchronise = self.nonfinite != ON_DEVICE
         factors = {d: state[factor_key(d)] / correction for d in dims if factor_key(d) in state}
         fallbacks = 0
 
         def compute(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             nonlocal fallbacks
-            root, ok, fell_back, count = self._inverse_root(group, p, factor)
-            fallbacks += count
+            root, ok, fell_back, count = self._inverse_root(group, p, factor, synchronise)
+            if isinstance(count, torch.Tensor):  # Newton without host reads: counted on the device
+                warn_later(logger, _FALLBACK_WARNING, count)
+            else:
+                fallbacks += count
             return root, ok, fell_back
 
         if self.executor is None:
@@ -260,7 +281,7 @@ class Shampoo(StackedOptimizer):
                 state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
                 fell_backs[:, position] += fell_back.to(fell_backs.dtype)
             else:
-                ok = self._eigen_root(group, p, state, d, correction)
+                ok = self._eigen_root(group, p, state, d, correction, synchronise)
             refreshes[:, position] += ok.to(refreshes.dtype)
         state["refreshes"] = refreshes
         state["fallbacks"] = fell_backs
@@ -268,15 +289,23 @@ class Shampoo(StackedOptimizer):
 
     @staticmethod
     def _eigen_root(
-        group: dict[str, Any], p: float, state: MutableMapping[str, torch.Tensor], d: int, correction: float
+        group: dict[str, Any],
+        p: float,
+        state: MutableMapping[str, torch.Tensor],
+        d: int,
+        correction: float | torch.Tensor,
+        synchronise: bool,
     ) -> torch.Tensor:
         """The root of a factor kept as eigenpairs: its eigenbasis (the same 4-bit codes) and
         ``((λ/c)⁺ + ε)^(-1/p)``; blocks whose scales are not finite keep their root. Returns the
-        per-block mask of roots replaced."""
+        per-block mask of roots replaced. ``synchronise``: read whether every block is finite,
+        to adopt the eigenbasis whole (its codes kept) when it is; otherwise always mask."""
+        if isinstance(correction, torch.Tensor):  # (B, 1, 1) for the factors: (B, 1) for the eigenvalues
+            correction = correction.reshape(-1, 1)
         scales = (state[eigenvalues_key(d)] / correction).clamp_min(0.0).add(group["epsilon"]).pow(-1.0 / p)
         ok = torch.isfinite(scales).all(-1)
         basis = state[eigenbasis_key(d)]
-        if not bool(ok.all()):  # one synchronisation, on a root step only
+        if not synchronise or not bool(ok.all()):  # one synchronisation, on a root step only
             basis = torch.where(ok[:, None, None], basis, state[_root_basis_key(d)])
             scales = torch.where(ok[:, None], scales, state[_root_scales_key(d)])
         state[_root_basis_key(d)] = basis
@@ -285,12 +314,13 @@ class Shampoo(StackedOptimizer):
 
     @staticmethod
     def _inverse_root(
-        group: dict[str, Any], p: float, factor: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        group: dict[str, Any], p: float, factor: torch.Tensor, synchronise: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor]:
         """``(F + εI)^(-1/p)`` of each factor in the stack, whether it can be trusted, whether
-        Newton fell back to eigh for it, and the number of those fallbacks (a host integer)."""
+        Newton fell back to eigh for it, and the number of those fallbacks (a host integer; with
+        ``synchronise=False`` a device count, Newton then reading nothing on the host)."""
         if group["root_method"] == "newton":
-            result = newton_root(factor, int(p), group["epsilon"])
+            result = newton_root(factor, int(p), group["epsilon"], synchronise=synchronise)
             return result.root, torch.isfinite(result.root).flatten(1).all(1), result.fell_back, result.fallbacks
         eig = safe_eigh(factor)
         root = inverse_root_from_eigh(eig.eigenvalues, eig.eigenvectors, p, group["epsilon"]).to(factor.dtype)
@@ -298,22 +328,29 @@ class Shampoo(StackedOptimizer):
         return root, ok, torch.zeros_like(ok), 0
 
     def stack_step(
-        self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor, step: int
+        self,
+        group: dict[str, Any],
+        stack: Stack,
+        state: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+        step: int,
+        taken: torch.Tensor | None = None,
     ) -> StackResult:
         dims = stack.preconditioned_dims
         paired = paired_dims(group, stack)
         # writes go to the first map, which is handed back: entries not read stay encoded
         state = ChainMap(self._initial_state(group, stack, grad), {}) if step == 0 else ChainMap({}, state)
         t = step + 1
+        counted = bias_step(t, step, taken, grad)
         beta1, beta2 = group["betas"]
         momentum = grad
         if beta1 > 0:
             state["exp_avg"] = torch.lerp(state["exp_avg"], grad, 1.0 - beta1)
             if group["nesterov"]:
-                momentum = torch.lerp(state["exp_avg"], grad, 1.0 - beta1) / (1.0 - beta1 ** (t + 1))
+                momentum = torch.lerp(state["exp_avg"], grad, 1.0 - beta1) / (1.0 - beta1 ** (counted + 1))
             else:
-                momentum = state["exp_avg"] / (1.0 - beta1**t)
-        graft = self._graft_direction(group, state, grad, momentum, t)
+                momentum = state["exp_avg"] / (1.0 - beta1**counted)
+        graft = self._graft_direction(group, state, grad, momentum, counted)
         interval = group["statistics_interval"]
         statistics = t // interval  # gradients the factors hold after this step
         folds = {}
@@ -326,7 +363,9 @@ class Shampoo(StackedOptimizer):
         result = StackResult(state.maps[0], scale=learning_rate(group))
         if refresh:
             state.update({key: fold_in(state[key], u, b) for key, (u, b) in folds.items()})
-            result.fallbacks = self._inverse_roots(group, state, dims, statistics)
+            # on-device policy: each skipped step counted as a statistic missed (exact for an interval of 1)
+            held = statistics if taken is None else (statistics - (t - counted.flatten())).clamp_min(1)
+            result.fallbacks = self._inverse_roots(group, state, dims, held)
         else:
             result.folds = folds
         if not dims or t < start:
@@ -348,11 +387,7 @@ class Shampoo(StackedOptimizer):
         """Log the step's Newton-to-eigh fallbacks in one warning (under sharded state: those of
         the blocks this rank owns)."""
         if count:
-            logger.warning(
-                "Shampoo: %d inverse roots did not converge by the coupled Newton iteration and were "
-                "computed by eigh instead (per factor: fallback_counts())",
-                count,
-            )
+            logger.warning(_FALLBACK_WARNING, count)
 
     def fallback_counts(self) -> dict[str, torch.Tensor]:
         """Inverse roots the Newton iteration did not converge on, so that eigh computed them, per
