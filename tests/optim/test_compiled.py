@@ -180,7 +180,8 @@ def test_no_graph_break_and_no_recompile_while_schedulers_change_lr_and_momentum
 
 def test_a_graph_break_in_a_kernel_is_an_error(monkeypatch):
     """fullgraph=True: a kernel that cannot be captured whole raises instead of running in pieces
-    (the guarantee the test above relies on)."""
+    (the guarantee the test above relies on). One stack: under the chunked step, stacks committed
+    before the failing one in the same step keep their new values (conditioner.optim.compiled)."""
 
     def breaking(grad, momentum, scalars, **options):
         torch._dynamo.graph_break()

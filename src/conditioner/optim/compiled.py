@@ -8,9 +8,14 @@ step, and later steps reuse that graph: the scalars that change between steps (b
 a scheduled learning rate or β) reach it packed in one tensor, as data. Under the on-device
 non-finite policy a bias correction is per block, a tensor ``(B, 1, ...)``; the pack then holds
 every scalar broadcast to that shape, ``(S, B, 1, ...)``, which is again one input whose shape
-does not change between steps. Only the ordinary-step
-math is compiled; the bookkeeping around it (stacks, step counts, refresh decisions and the
-decompositions of a refresh, the commit) stays eager Python.
+does not change between steps. Only the ordinary-step math is compiled; the bookkeeping around
+it (stacks, step counts, refresh decisions and the decompositions of a refresh, 4-bit decoding,
+the commit) stays eager Python.
+
+A kernel that cannot be compiled (a graph break, an unsupported operation) raises on the first
+step that meets its signature. The step commits stack after stack (chunked, :mod:`.base`), so the
+stacks committed earlier in that step keep their new state and parameters; a step whose every
+stack has run once compiled is past this.
 
 Inside a function that is itself being compiled (a whole training step under ``torch.compile``)
 the kernel runs as plain code, which the enclosing compilation traces.
