@@ -5,12 +5,12 @@ run eagerly or be compiled whole by ``torch.compile`` (:mod:`conditioner.optim.c
 kinds of hyperparameters reach it: keyword options that fix the computation (the stack's
 preconditioned dims, flags; a compiled kernel is specialised on them), and ``scalars``, numbers
 that may change from step to step (step sizes of moving averages under a scheduler, bias
-corrections, ε): Python floats when run eagerly, a 1-D tensor when compiled, so that a new value
-is new data for the same graph. The callers derive the scalars on the host (``1 − β`` included),
-which keeps the eager and compiled arithmetic the same. Run eagerly, a kernel does the arithmetic
-of the optimizers' own code operation for operation, so that ``compile_kernels=False`` changes
-nothing. A scalar may also be a per-block tensor ``(B, 1, ...)`` (the bias corrections under the
-on-device non-finite policy); every operation on the scalars broadcasts.
+corrections, ε): as they are when run eagerly, packed in one tensor when compiled, so that a new
+value is new data for the same graph. A scalar is a number or, for the bias corrections under the
+on-device non-finite policy, a per-block tensor ``(B, 1, ...)``; every operation on the scalars
+broadcasts. The callers derive the scalars on the host (``1 − β`` included), which keeps the eager
+and compiled arithmetic the same; run eagerly, a kernel does the arithmetic of the optimizers'
+former inline code operation for operation, so ``compile_kernels=False`` changes no result.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def shampoo_direction(
     look-ahead ``lerp(m, G, 1 − β1)``); the grafted method's second moment
     ``s ← κ·s + ω·G²`` (``graft_sq`` None: SGD, unit scaling) and its direction
     ``M / (sqrt(s / c2) + ε_graft)``. With ``precondition``, the direction is ``M ×_i P_i`` for the
-    inverse ``roots`` along ``dims`` (each a matrix or its eigenpairs), scaled per block to the grafted direction's norm unless
-    ``grafting`` is ``"none"``; otherwise it is the grafted direction. Returns ``(m, s, direction)``.
+    inverse ``roots`` along ``dims`` (each a matrix or its eigenpairs), scaled per block to the
+    grafted direction's norm unless ``grafting`` is ``"none"``; otherwise it is the grafted
+    direction. Returns ``(m, s, direction)``.
     """
     weight1, correction1, keep, weight, correction2, graft_eps = scalars
     momentum = grad
