@@ -254,3 +254,19 @@ def test_a_checkpoint_resumes_with_the_loading_optimizers_compile_setting():
     assert plain.param_groups[0]["compile_kernels"] is False
     compiled.load_state_dict(plain.state_dict())
     assert compiled.param_groups[0]["compile_kernels"] == "eager"
+
+
+def test_eager_adagrad_grafting_sums_the_rounded_squares_exactly():
+    """AdaGrad grafting's second moment is the running sum ``s + G²`` with ``G²`` rounded first,
+    as Shampoo computed it before the kernels; a fused ``addcmul`` (one rounding) differs in
+    the last bits, so ``compile_kernels=False`` would no longer reproduce earlier results."""
+    generator = torch.Generator().manual_seed(0)
+    param = torch.zeros(12, 8, requires_grad=True)
+    optimizer = Shampoo([param], grafting="adagrad", precondition_frequency=100)
+    expected = torch.zeros(12, 8)
+    for _ in range(5):
+        param.grad = torch.randn(12, 8, generator=generator)
+        expected = expected + param.grad * param.grad
+        optimizer.step()
+    [state] = optimizer.state.values()
+    assert torch.equal(state["graft_sq"][0], expected)

@@ -90,7 +90,7 @@ def shampoo_direction(
     ``scalars = (1 − β1, c1, κ, ω, c2, ε_graft)``: momentum ``m ← lerp(m, G, 1 − β1)`` (``exp_avg``
     None: no momentum, the gradient is used), divided by its bias correction ``c1`` (Nesterov: the
     look-ahead ``lerp(m, G, 1 − β1)``); the grafted method's second moment
-    ``s ← κ·s + ω·G²`` (``graft_sq`` None: SGD, unit scaling) and its direction
+    ``s ← κ·s + ω·G²`` (AdaGrad: ``s ← s + G²``; ``graft_sq`` None: SGD, unit scaling) and its direction
     ``M / (sqrt(s / c2) + ε_graft)``. With ``precondition``, the direction is ``M ×_i P_i`` for the
     inverse ``roots`` along ``dims`` (each a matrix or its eigenpairs), scaled per block to the
     grafted direction's norm unless ``grafting`` is ``"none"``; otherwise it is the grafted
@@ -103,7 +103,10 @@ def shampoo_direction(
         momentum = (torch.lerp(exp_avg, grad, weight1) if nesterov else exp_avg) / correction1
     graft = momentum
     if graft_sq is not None:
-        graft_sq = torch.addcmul(graft_sq * keep, grad * weight, grad)
+        if grafting == "adagrad":  # a running sum: G² rounded, then added (addcmul would fuse them)
+            graft_sq = graft_sq + grad * grad
+        else:
+            graft_sq = torch.addcmul(graft_sq * keep, grad * weight, grad)
         graft = momentum / ((graft_sq / correction2).sqrt() + graft_eps)
     if not precondition:
         return exp_avg, graft_sq, graft

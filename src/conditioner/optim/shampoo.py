@@ -335,7 +335,7 @@ class Shampoo(StackedOptimizer):
         grafting = group["grafting"]
         # the grafted method's second moment: s ← κ·s + ω·G², read as s / c2 (AdaGrad: a running sum)
         beta = group["grafting_beta2"]
-        keep, weight = (1.0, 1.0) if grafting == "adagrad" else (beta, 1.0 - beta)
+        keep, weight = beta, 1.0 - beta
         correction2 = 1.0 - beta**counted if grafting == "adam" else 1.0
         correction1 = 1.0 - beta1 ** (counted + 1) if group["nesterov"] else 1.0 - beta1**counted
         precondition = bool(dims) and t >= start
