@@ -16,14 +16,23 @@ run back to back as bare matmuls on preallocated tensors of the same shapes and 
 policy (named ``optimizer [policy]``): the on-device policy takes no host synchronisation, which
 costs or saves little on a CPU, where reading a value waits for nothing.
 
+With ``--compile``, each of conditioner's optimizers also runs with ``compile_kernels=True``
+(its ordinary-step kernels compiled by inductor) as a row "NAME (compiled)"; a table then sets
+every compiled row against its eager row: median and mean step, their ratios, and the
+compilation time, taken as the compiled run's warm-up steps minus the eager run's (runs that
+share a kernel shape share its graph: the first to meet it pays), and torch's own count of the
+seconds spent compiling for the model, all compiled runs together.
+
 Usage: python benchmarks/optimizer_step.py [--steps 40] [--models mlp transformer]
                                            [--schedule round-robin|sequential] [--json FILE]
                                            [--nonfinite raise skip_on_device]
+                                           [--optimizers NAME ...] [--compile] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -89,6 +98,7 @@ def optimizers() -> dict[str, Callable]:
         "conditioner.Shampoo": lambda p, **kw: conditioner.Shampoo(
             p, lr=3e-3, precondition_frequency=10, max_preconditioner_dim=10000, **kw
         ),
+        "conditioner.Muon": lambda p, **kw: conditioner.Muon(p, lr=0.02, **kw),
     }
     try:
         import heavyball
@@ -119,7 +129,7 @@ def with_policies(table: dict[str, Callable], policies: list[str]) -> dict[str, 
             continue
         for policy in policies:
             label = name if len(policies) == 1 else f"{name} [{policy}]"
-            result[label] = lambda p, factory=factory, policy=policy: factory(p, nonfinite=policy)
+            result[label] = lambda p, factory=factory, policy=policy, **kw: factory(p, nonfinite=policy, **kw)
     return result
 
 
@@ -179,8 +189,17 @@ class FloorRun:
         return time.perf_counter() - start
 
 
+def compiled_variants(table: dict[str, Callable], names: list[str]) -> dict[str, Callable]:
+    """``NAME (compiled)``: each of conditioner's optimizers among ``names`` with ``compile_kernels=True``."""
+    return {
+        f"{name} (compiled)": functools.partial(table[name], compile_kernels=True)
+        for name in names
+        if name.startswith("conditioner.")
+    }
+
+
 def time_runs(runs: dict[str, Callable], grads: list[list[torch.Tensor]], schedule: str) -> dict[str, list[float]]:
-    """Time every run on every gradient; the warm-up steps are dropped.
+    """Time every run on every gradient (the first ``WARMUP`` steps included).
 
     ``round-robin`` steps every run once per gradient, rotating the order each step, so that
     drifts in machine speed fall on all runs alike and every step starts with caches holding
@@ -197,11 +216,42 @@ def time_runs(runs: dict[str, Callable], grads: list[list[torch.Tensor]], schedu
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 times[name].append(runs[name](step_grads))
-    return {name: t[WARMUP:] for name, t in times.items()}
+    return times
 
 
 def summarise(times: list[float]) -> dict[str, float]:
-    return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times)}
+    """Median and mean of the timed steps (after the warm-up), and the warm-up's total."""
+    timed = times[WARMUP:]
+    return {
+        "median_ms": 1e3 * statistics.median(timed),
+        "mean_ms": 1e3 * statistics.fmean(timed),
+        "warmup_s": sum(times[:WARMUP]),
+    }
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in dynamo and inductor compiling (torch's own account)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return float(dict(zip(names, values)).get("_compile.compile_inner", 0.0))
+
+
+def print_compiled(rows: dict[str, dict[str, float]]) -> None:
+    """Each compiled row against its eager row; compilation time = warm-up time minus eager's."""
+    header = f"{'median ms':>16s} {'ratio':>6s} {'mean ms':>16s} {'ratio':>6s} {'compile s':>9s}"
+    print(f"{'compiled vs eager':50s} {header}")
+    for name, row in rows.items():
+        if not name.endswith(" (compiled)"):
+            continue
+        eager = rows[name.removesuffix(" (compiled)")]
+        row["compile_s"] = row["warmup_s"] - eager["warmup_s"]
+        medians = f"{row['median_ms']:.2f} / {eager['median_ms']:.2f}"
+        means = f"{row['mean_ms']:.2f} / {eager['mean_ms']:.2f}"
+        print(
+            f"{name:50s} {medians:>16s} {row['median_ms'] / eager['median_ms']:6.2f} "
+            f"{means:>16s} {row['mean_ms'] / eager['mean_ms']:6.2f} {row['compile_s']:9.1f}"
+        )
 
 
 def main() -> None:
@@ -218,9 +268,17 @@ def main() -> None:
         choices=list(NONFINITE_POLICIES),
         help="run each conditioner optimizer under each of these policies",
     )
+    parser.add_argument("--compile", action="store_true", help="add conditioner's optimizers with compile_kernels=True")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     table = with_policies(optimizers(), args.nonfinite)
     chosen = args.optimizers or list(table)
+    if args.compile:
+        variants = compiled_variants(table, chosen)
+        table.update(variants)
+        chosen = chosen + list(variants)
     results = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -231,6 +289,7 @@ def main() -> None:
     }
     for model_name in args.models:
         init, grads = gradients(model_name, args.steps + WARMUP)
+        compiling = compile_seconds()
         runs: dict[str, Callable] = {"floor kernel": FloorRun(model_name)}
         runs.update({name: OptimizerRun(model_name, table[name], init) for name in chosen})
         rows = {name: summarise(t) for name, t in time_runs(runs, grads, args.schedule).items()}
@@ -242,6 +301,11 @@ def main() -> None:
             print(
                 f"{name:50s} {row['median_ms']:10.2f} {row['median_ms'] / floor['median_ms']:8.2f} {row['mean_ms']:10.2f}"
             )
+        if args.compile:
+            print_compiled(rows)
+            seconds = compile_seconds() - compiling
+            results.setdefault("compile_seconds", {})[model_name] = seconds
+            print(f"compiling, all compiled runs together: {seconds:.1f} s")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

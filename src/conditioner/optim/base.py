@@ -80,6 +80,7 @@ from conditioner.checks import (
 )
 from conditioner.distributed.sharded import UpdateBuffers, full_tensor, local_tensor
 from conditioner.linalg.deferred import DeferredWarning, deferring_warnings, log_counts, merge_counts
+from conditioner.optim.compiled import check_compile_kernels
 from conditioner.optim.kronecker import fold_in, fold_in_
 from conditioner.optim.precision import Decoded, StoredState, decode, encode, stored_form
 
@@ -169,6 +170,7 @@ COMMON_CHECKS: dict[str, Check] = {
     ),
     "state_precision": choice("full", "bfloat16"),
     "nonfinite": choice(*NONFINITE_POLICIES),
+    "compile_kernels": check_compile_kernels,
 }
 
 
@@ -459,9 +461,14 @@ class StackedOptimizer(torch.optim.Optimizer):
             logger.warning(message)
         return not norms or self._allowed(bool(values[0]), "a gradient")
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimizer step; ``closure`` re-evaluates the model and returns the loss.
+
+        Never traced by ``torch.compile``: in a compiled training step it runs as it is (one graph
+        break), since tracing its host bookkeeping (step counts in lists) would recompile it at
+        every step; its per-stack math is compiled by the ``compile_kernels`` option instead."""
         self._convert_precisions()
         loss = None
         if closure is not None:
@@ -783,18 +790,21 @@ class StackedOptimizer(torch.optim.Optimizer):
         Hyperparameters come from the checkpoint, as in torch.optim, except ``state_precision``:
         each group keeps the precision this optimizer was built with (the one asked for now), and
         state saved in another precision is converted to it (for example a full-precision
-        checkpoint resumed with 4-bit bases to save memory, or back). Options newer than the
-        checkpoint take this optimizer's defaults.
+        checkpoint resumed with 4-bit bases to save memory, or back), and ``compile_kernels``, a
+        choice of how this process runs the step rather than of what it computes. Options newer
+        than the checkpoint take this optimizer's defaults.
         """
         precisions = [group["state_precision"] for group in self.param_groups]
+        compiling = [group["compile_kernels"] for group in self.param_groups]
         saved = [group.get("state_precision", "full") for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         self.forget_layouts()
         self._stored_precisions = saved
-        for group, precision in zip(self.param_groups, precisions):
+        for group, precision, compile_kernels in zip(self.param_groups, precisions, compiling):
             for name in self.checks.keys() & self.defaults.keys():
                 group.setdefault(name, self.defaults[name])
             group["state_precision"] = precision
+            group["compile_kernels"] = compile_kernels
         for group_index, group in enumerate(self.param_groups):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             stacks = {self.stack_key(group_index, s): s for s in self.layout(group_index)}

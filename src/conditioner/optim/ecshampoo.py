@@ -70,6 +70,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
     kept apart (a conv kernel becomes ``[out, in·kh·kw]``; SOAP's ``merge_dims`` is the SOAP
     reference's rule, which merges the leading dimension too); 1-D parameters get Adam.
     ``state_precision``: ``"full"``, ``"bfloat16"`` or ``"4bit"`` storage (see :class:`EigenAdam`).
+    ``compile_kernels``: compile the per-stack math (:mod:`conditioner.optim.compiled`).
     In 4-bit mode a large factor's eigenbasis is tracked by one QR step every T1 steps, and a
     refresh adopts it (``refresh_method`` and ``max_qr_iterations`` apply to the small factors);
     under ``"keep"`` the tracking runs before the step's update on a refresh step, which then
@@ -111,6 +112,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
         state_precision: str = "full",
         statistics_interval: int | None = None,
         nonfinite: str = "raise",
+        compile_kernels: bool | str = False,
     ) -> None:
         statistics_interval, precondition_frequency = schedule(
             state_precision, statistics_interval, precondition_frequency, 10
@@ -139,6 +141,7 @@ class EigenvalueCorrectedShampoo(EigenAdam):
             state_precision=state_precision,
             statistics_interval=statistics_interval,
             nonfinite=nonfinite,
+            compile_kernels=compile_kernels,
         )
         super().__init__(params, defaults)
 

@@ -28,8 +28,10 @@ from conditioner.blocks import Stack
 from conditioner.checks import choice, count, flag, in_range, optional
 from conditioner.linalg import Staleness, descending_order, safe_eigh, staleness
 from conditioner.optim import eigenpairs
-from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, bias_step, learning_rate
+from conditioner.optim.compiled import run_kernel
+from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
+from conditioner.optim.kernels import adam_in_basis
 from conditioner.optim.kronecker import (
     factor_key,
     fold_in,
@@ -204,21 +206,19 @@ class EigenAdam(StackedOptimizer):
         if refresh and rules.refresh_before_update:
             self._refresh(group, rules, dims, new_state, factors)
 
-        bases = {d: new_state[_basis_key(d)] for d in dims}
-        projected = project(grad, bases)
-        exp_avg = torch.lerp(new_state["exp_avg"], projected, 1.0 - beta1)
-        exp_avg_sq = torch.mul(new_state["exp_avg_sq"], beta2).addcmul_(projected, projected, value=1.0 - beta2)
         counted = bias_step(t, step, taken, grad)
         correction1 = 1.0 - beta1**counted if group["correct_bias"] else 1.0
         correction2 = 1.0 - beta2**counted if group["correct_bias"] else 1.0
         # m̂ / (sqrt(v̂) + ε) = (sqrt(c2)/c1) · m / (sqrt(v) + ε·sqrt(c2)); SOAP adds ε before correcting.
         eps = group["eps"] if rules.epsilon_outside_correction else group["eps"] * correction2**0.5
-        direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
-        update = project_back(direction, bases)
-        if group["normalize_grads"]:  # the SOAP reference's: each block's update to unit RMS
-            rms = update.square().mean(dim=tuple(range(1, update.ndim)), keepdim=True).sqrt()
-            update = update / rms.add_(1e-30)
-
+        exp_avg, exp_avg_sq, update = run_kernel(
+            group["compile_kernels"],
+            adam_in_basis,
+            (grad, new_state["exp_avg"], new_state["exp_avg_sq"], [new_state[_basis_key(d)] for d in dims]),
+            (1.0 - beta1, beta2, 1.0 - beta2, eps),
+            dims=tuple(dims),
+            normalize=group["normalize_grads"],
+        )
         new_state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         if refresh and not rules.refresh_before_update:
             self._refresh(group, rules, dims, new_state, factors)

@@ -15,8 +15,10 @@ import torch
 
 from conditioner.blocks import BlockPolicy, Stack
 from conditioner.checks import count, flag, in_range
-from conditioner.linalg import MUON_COEFFICIENTS, newton_schulz
+from conditioner.linalg import MUON_COEFFICIENTS
 from conditioner.optim.base import COMMON_CHECKS, StackedOptimizer, StackResult, bias_step, learning_rate
+from conditioner.optim.compiled import run_kernel
+from conditioner.optim.kernels import adam_in_basis, muon_direction
 
 #: no dimension is ever split, and every merge is allowed: a matrix is orthogonalised whole
 _UNBOUNDED = 2**62
@@ -43,7 +45,8 @@ class Muon(StackedOptimizer):
     ``ns_coefficients``: the quintic ``(3.4445, −4.7750, 2.0315)`` by default, whose singular
     values end in about [0.7, 1.2]; ``(1.5, −0.5, 0)`` with more ``ns_steps`` converges to the
     exact polar factor. Weight decay is decoupled; ``state_precision="bfloat16"`` stores the
-    momentum in bfloat16.
+    momentum in bfloat16; ``compile_kernels`` compiles the per-stack math
+    (:mod:`conditioner.optim.compiled`).
     """
 
     checks = {
@@ -73,6 +76,7 @@ class Muon(StackedOptimizer):
         state_dtype: torch.dtype | None = None,
         state_precision: str = "full",
         nonfinite: str = "raise",
+        compile_kernels: bool | str = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -87,6 +91,7 @@ class Muon(StackedOptimizer):
             state_dtype=state_dtype,
             state_precision=state_precision,
             nonfinite=nonfinite,
+            compile_kernels=compile_kernels,
         )
         super().__init__(params, defaults)
 
@@ -108,9 +113,15 @@ class Muon(StackedOptimizer):
 
     def _muon(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor], grad: torch.Tensor) -> StackResult:
         beta = group["momentum"]
-        momentum = torch.lerp(state["momentum"], grad, 1.0 - beta) if state else grad * (1.0 - beta)
-        direction = torch.lerp(grad, momentum, beta) if group["nesterov"] else momentum
-        update = newton_schulz(direction, group["ns_steps"], group["ns_coefficients"])
+        momentum, update = run_kernel(
+            group["compile_kernels"],
+            muon_direction,
+            (grad, state.get("momentum")),
+            (1.0 - beta, beta),
+            nesterov=group["nesterov"],
+            ns_steps=group["ns_steps"],
+            ns_coefficients=group["ns_coefficients"],
+        )
         rows, cols = stack.shape
         return StackResult({"momentum": momentum}, update, learning_rate(group) * max(1.0, rows / cols) ** 0.5)
 
@@ -118,10 +129,13 @@ class Muon(StackedOptimizer):
         self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor, t: int | torch.Tensor
     ) -> StackResult:
         beta1, beta2 = group["adam_betas"]
-        exp_avg = torch.lerp(state["exp_avg"], grad, 1.0 - beta1) if state else grad * (1.0 - beta1)
-        previous = state["exp_avg_sq"] * beta2 if state else torch.zeros_like(grad)
-        exp_avg_sq = previous.addcmul_(grad, grad, value=1.0 - beta2)
         correction1, correction2 = 1.0 - beta1**t, 1.0 - beta2**t
-        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * correction2**0.5)
+        exp_avg, exp_avg_sq, direction = run_kernel(
+            group["compile_kernels"],
+            adam_in_basis,
+            (grad, state.get("exp_avg"), state.get("exp_avg_sq"), []),
+            (1.0 - beta1, beta2, 1.0 - beta2, group["eps"] * correction2**0.5),
+            dims=(),
+        )
         scale = learning_rate(group) * correction2**0.5 / correction1
         return StackResult({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, direction, scale)

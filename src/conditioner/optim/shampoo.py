@@ -22,8 +22,10 @@ from conditioner.linalg import inverse_root_from_eigh, newton_root, safe_eigh
 from conditioner.linalg.deferred import warn_later
 from conditioner.optim import eigenpairs
 from conditioner.optim.base import COMMON_CHECKS, ON_DEVICE, StackedOptimizer, StackResult, bias_step, learning_rate
+from conditioner.optim.compiled import run_kernel
 from conditioner.optim.eigenpairs import eigenbasis_key, eigenvalues_key, paired_dims
-from conditioner.optim.kronecker import apply_along, block_norms, factor_key, fold_in, unfold
+from conditioner.optim.kernels import shampoo_direction
+from conditioner.optim.kronecker import factor_key, fold_in, unfold
 from conditioner.optim.precision import PRECISIONS, schedule
 
 _FALLBACK_WARNING = (
@@ -48,18 +50,6 @@ def _root_scales_key(dim: int) -> str:
     return f"root_scales{dim}"
 
 
-def apply_eigen(x: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x ×_dim Q diag(s) Qᵀ`` for a stack ``x`` ``(B, ...)``: through ``P = Q diag(s) Qᵀ`` formed
-    once (d³ + d²·n flops, n the size of the other dims) or as ``Q (s ⊙ (Qᵀ x))`` (2·d²·n),
-    whichever costs less."""
-    d = basis.shape[-1]
-    if d <= x[0].numel() // d:
-        return apply_along(x, eigenpairs.rebuild(basis, scales), dim)
-    shape = [x.shape[0]] + [1] * (x.ndim - 1)
-    shape[dim + 1] = d
-    return apply_along(apply_along(x, basis.mT, dim) * scales.reshape(shape), basis, dim)
-
-
 class Shampoo(StackedOptimizer):
     """Shampoo with grafting, on stacked blocks.
 
@@ -77,6 +67,7 @@ class Shampoo(StackedOptimizer):
       counts, exchanged with the roots, are complete on every process);
       ``exponent_override``: use ``p`` instead of ``2k`` in ``F^(-1/p)``.
     - ``nesterov``: use the look-ahead ``lerp(m, G, 1 − β1)`` instead of ``m``.
+    - ``compile_kernels``: compile the per-stack math (:mod:`conditioner.optim.compiled`).
     - Blocking as in Distributed Shampoo: dimensions above ``max_preconditioner_dim`` split
       (``split_large_dims``), small neighbours merged; 1-D parameters on the grafted method.
     - Schedule: the factors take in the gradient every ``statistics_interval`` (T1) steps (only
@@ -141,6 +132,7 @@ class Shampoo(StackedOptimizer):
         state_precision: str = "full",
         statistics_interval: int | None = None,
         nonfinite: str = "raise",
+        compile_kernels: bool | str = False,
     ) -> None:
         statistics_interval, precondition_frequency = schedule(
             state_precision, statistics_interval, precondition_frequency, 20
@@ -169,6 +161,7 @@ class Shampoo(StackedOptimizer):
             state_precision=state_precision,
             statistics_interval=statistics_interval,
             nonfinite=nonfinite,
+            compile_kernels=compile_kernels,
         )
         super().__init__(params, defaults)
 
@@ -217,27 +210,6 @@ class Shampoo(StackedOptimizer):
             elif d not in paired and _root_scales_key(d) in state:
                 state[_root_key(d)] = eigenpairs.rebuild(state.pop(_root_basis_key(d)), state.pop(_root_scales_key(d)))
         return state
-
-    def _graft_direction(
-        self,
-        group: dict[str, Any],
-        state: dict[str, torch.Tensor],
-        grad: torch.Tensor,
-        momentum: torch.Tensor,
-        t: int | torch.Tensor,
-    ) -> torch.Tensor:
-        kind = group["grafting"]
-        if kind in ("sgd", "none"):
-            return momentum
-        if kind == "adagrad":
-            graft_sq = state["graft_sq"] + grad * grad
-            denom = graft_sq.sqrt()
-        else:
-            beta = group["grafting_beta2"]
-            graft_sq = torch.addcmul(state["graft_sq"].mul(beta), grad, grad, value=1.0 - beta)
-            denom = (graft_sq / (1.0 - beta**t)).sqrt() if kind == "adam" else graft_sq.sqrt()
-        state["graft_sq"] = graft_sq
-        return momentum / (denom + group["grafting_epsilon"])
 
     def _inverse_roots(
         self,
@@ -343,14 +315,6 @@ class Shampoo(StackedOptimizer):
         t = step + 1
         counted = bias_step(t, step, taken, grad)
         beta1, beta2 = group["betas"]
-        momentum = grad
-        if beta1 > 0:
-            state["exp_avg"] = torch.lerp(state["exp_avg"], grad, 1.0 - beta1)
-            if group["nesterov"]:
-                momentum = torch.lerp(state["exp_avg"], grad, 1.0 - beta1) / (1.0 - beta1 ** (counted + 1))
-            else:
-                momentum = state["exp_avg"] / (1.0 - beta1**counted)
-        graft = self._graft_direction(group, state, grad, momentum, counted)
         interval = group["statistics_interval"]
         statistics = t // interval  # gradients the factors hold after this step
         folds = {}
@@ -368,19 +332,29 @@ class Shampoo(StackedOptimizer):
             result.fallbacks = self._inverse_roots(group, state, dims, held)
         else:
             result.folds = folds
-        if not dims or t < start:
-            result.update = graft
-            return result
-        direction = momentum
-        for d in dims:
-            if d in paired:
-                direction = apply_eigen(direction, state[_root_basis_key(d)], state[_root_scales_key(d)], d)
-            else:
-                direction = apply_along(direction, state[_root_key(d)], d)
-        if group["grafting"] != "none":
-            norm = block_norms(direction)
-            direction = direction * torch.where(norm > 0, block_norms(graft) / norm.clamp_min(1e-30), 0.0)
-        result.update = direction
+        grafting = group["grafting"]
+        # the grafted method's second moment: s ← κ·s + ω·G², read as s / c2 (AdaGrad: a running sum)
+        beta = group["grafting_beta2"]
+        keep, weight = beta, 1.0 - beta
+        correction2 = 1.0 - beta**counted if grafting == "adam" else 1.0
+        correction1 = 1.0 - beta1 ** (counted + 1) if group["nesterov"] else 1.0 - beta1**counted
+        precondition = bool(dims) and t >= start
+        roots = [
+            (state[_root_basis_key(d)], state[_root_scales_key(d)]) if d in paired else state[_root_key(d)]
+            for d in dims
+            if precondition
+        ]
+        exp_avg, graft_sq, result.update = run_kernel(
+            group["compile_kernels"],
+            shampoo_direction,
+            (grad, state.get("exp_avg"), state.get("graft_sq"), roots),
+            (1.0 - beta1, correction1, keep, weight, correction2, group["grafting_epsilon"]),
+            dims=tuple(dims),
+            nesterov=group["nesterov"],
+            grafting=grafting,
+            precondition=precondition,
+        )
+        state.update({k: v for k, v in (("exp_avg", exp_avg), ("graft_sq", graft_sq)) if v is not None})
         return result
 
     def report_fallbacks(self, count: int) -> None:

@@ -44,7 +44,8 @@ class SOAP(EigenAdam):
     size). ``state_dtype`` (None: float32, float64 for float64 parameters; or float32, float64)
     sets the dtype of all statistics, ``state_precision`` (``"full"``, ``"bfloat16"``,
     ``"4bit"``; see :class:`EigenAdam`) how they are stored; ``nonfinite`` is ``"raise"`` or
-    ``"skip"`` for a step whose gradient holds NaN or Inf.
+    ``"skip"`` for a step whose gradient holds NaN or Inf; ``compile_kernels`` (False, True or a
+    ``torch.compile`` backend's name) compiles the per-stack math (:mod:`conditioner.optim.compiled`).
     """
 
     checks = {**EigenAdam.checks, "data_format": choice(*DATA_FORMATS)}
@@ -77,6 +78,7 @@ class SOAP(EigenAdam):
         state_precision: str = "full",
         statistics_interval: int | None = None,
         nonfinite: str = "raise",
+        compile_kernels: bool | str = False,
     ) -> None:
         statistics_interval, precondition_frequency = schedule(
             state_precision, statistics_interval, precondition_frequency, 10
@@ -101,6 +103,7 @@ class SOAP(EigenAdam):
             state_precision=state_precision,
             statistics_interval=statistics_interval,
             nonfinite=nonfinite,
+            compile_kernels=compile_kernels,
         )
         super().__init__(params, defaults)
 
