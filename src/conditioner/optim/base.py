@@ -61,7 +61,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -141,6 +141,14 @@ class Update:
     scale: float | torch.Tensor
 
 
+class GroupGradients(NamedTuple):
+    """A param group's gradients for one step: one full tensor per parameter (the parameter where
+    it has none), and the group's statistics dtype, which the blocks are gathered in."""
+
+    tensors: list[torch.Tensor]
+    dtype: torch.dtype
+
+
 @dataclass
 class _Pending:
     key: str
@@ -172,6 +180,12 @@ COMMON_CHECKS: dict[str, Check] = {
     "nonfinite": choice(*NONFINITE_POLICIES),
     "compile_kernels": check_compile_kernels,
 }
+
+
+def _consecutive(members: list[int]) -> slice | None:
+    """The rows ``members`` as a slice when they follow one another, else None."""
+    first = members[0]
+    return slice(first, first + len(members)) if members == list(range(first, first + len(members))) else None
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -363,10 +377,11 @@ class StackedOptimizer(torch.optim.Optimizer):
                 by_step.setdefault(steps[m], []).append(m)
         return list(by_step.values())
 
-    def _gradients(self) -> dict[int, list[torch.Tensor]]:
+    def _gradients(self) -> dict[int, GroupGradients]:
         """Per param group with a gradient, the full gradient of each parameter (the parameter
-        itself where it has none): a DTensor's is all-gathered, or under sharding fetched only by
-        the ranks that own one of its blocks (:meth:`ShardedState.gradients`)."""
+        itself where it has none) and the group's statistics dtype: a DTensor's gradient is
+        all-gathered, or under sharding fetched only by the ranks that own one of its blocks
+        (:meth:`ShardedState.gradients`)."""
         for group_index, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is not None and p.grad.is_sparse:
@@ -382,14 +397,15 @@ class StackedOptimizer(torch.optim.Optimizer):
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
             if any(p.grad is not None for p in params):
-                grads[group_index] = (
+                tensors = (
                     [full_tensor(p.grad) if p.grad is not None else p for p in params]
                     if routed is None
                     else routed[group_index]
                 )
+                grads[group_index] = GroupGradients(tensors, statistics_dtype(params, group.get("state_dtype")))
         return grads
 
-    def _plan(self, grads: dict[int, list[torch.Tensor]]) -> list[tuple[int, Stack, list[int]]]:
+    def _plan(self, grads: dict[int, GroupGradients]) -> list[tuple[int, Stack, list[int]]]:
         """The chunks a step works through: (group index, stack, members), members of one cohort
         (blocks with a gradient and equal step counts) holding at most :data:`CHUNK_ELEMENTS`
         elements of gradient, or one block."""
@@ -404,20 +420,18 @@ class StackedOptimizer(torch.optim.Optimizer):
                     )
         return plan
 
-    def _gather(
-        self, group_index: int, stack: Stack, members: list[int], grads: dict[int, list[torch.Tensor]]
-    ) -> torch.Tensor:
-        group = self.param_groups[group_index]
-        return stack.gather(grads[group_index], members, statistics_dtype(group["params"], group.get("state_dtype")))
+    @staticmethod
+    def _gather(group_index: int, stack: Stack, members: list[int], grads: dict[int, GroupGradients]) -> torch.Tensor:
+        tensors, dtype = grads[group_index]
+        return stack.gather(tensors, members, dtype)
 
-    def _gradient_norms(self, grads: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
+    def _gradient_norms(self, grads: dict[int, GroupGradients]) -> list[torch.Tensor]:
         """The norm of every gradient in its group's statistics dtype (one fused call per group); a
         gradient whose squares overflow, and would poison the statistics, has an infinite norm too."""
         norms: list[torch.Tensor] = []
-        for group_index, tensors in grads.items():
-            group = self.param_groups[group_index]
-            dtype = statistics_dtype(group["params"], group.get("state_dtype"))
-            present = [g for g, p in zip(tensors, group["params"]) if p.grad is not None and g.numel()]
+        for group_index, (tensors, dtype) in grads.items():
+            params = self.param_groups[group_index]["params"]
+            present = [g for g, p in zip(tensors, params) if p.grad is not None and g.numel()]
             if present:
                 norms.extend(torch._foreach_norm(present, 2, dtype=dtype))
         return norms
@@ -503,7 +517,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_on_device(
-        self, plan: list[tuple[int, Stack, list[int]]], grads: dict[int, list[torch.Tensor]]
+        self, plan: list[tuple[int, Stack, list[int]]], grads: dict[int, GroupGradients]
     ) -> torch.Tensor | None:
         """The step under the on-device policy: the gradients' finiteness stays a device bool
         (returned; None without gradients), and every chunk is committed masked by it. Updates
@@ -524,7 +538,7 @@ class StackedOptimizer(torch.optim.Optimizer):
     def _step_in_chunks(
         self,
         plan: list[tuple[int, Stack, list[int]]],
-        grads: dict[int, list[torch.Tensor]],
+        grads: dict[int, GroupGradients],
         finite: torch.Tensor | None = None,
     ) -> None:
         """Compute and commit chunk after chunk: the memory a step allocates beyond the state is
@@ -633,8 +647,8 @@ class StackedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _select(stored: dict[str, Any], members: list[int], size: int) -> dict[str, torch.Tensor]:
         """The rows of ``members`` of each stored tensor: views when they are consecutive."""
-        if members == list(range(members[0], members[0] + len(members))):
-            rows = slice(members[0], members[0] + len(members))
+        rows = _consecutive(members)
+        if rows is not None:
             return {k: v[rows] for k, v in stored.items() if k != "step"}
         index = torch.tensor(members)
         return {k: v.index_select(0, index.to(v.device)) for k, v in stored.items() if k != "step"}
@@ -691,6 +705,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         size = len(item.stack.blocks)
         steps = stored.get("step", [0] * size)
         members = item.members
+        rows = _consecutive(members)
         if finite is not None:
             taken = stored.get("taken")
             if taken is None:
@@ -704,8 +719,7 @@ class StackedOptimizer(torch.optim.Optimizer):
                 stored[k] = v if keep else torch.where(finite, v, old)
             for k, (unfolded, beta) in folds.items():
                 fold_in_(stored[k], unfolded, beta, finite)
-        elif members == list(range(members[0], members[0] + len(members))):
-            rows = slice(members[0], members[0] + len(members))
+        elif rows is not None:
             for k, v in entries.items():
                 if k not in stored:
                     stored[k] = v.new_zeros((size,) + tuple(v.shape[1:]))
