@@ -259,6 +259,25 @@ def tanh_mlp(
     return nn.Sequential(*layers).to(device, dtype)
 
 
+def first_features_batches(
+    n: int, seed: int = 1, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of 32 Gaussian inputs with 80 features, labelled by the largest of the first
+    three (a problem ``tanh_mlp((80, 64, 3), ...)`` learns); drawn on the CPU, then moved."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, 80, generator=generator).to(device)
+    return [(x[i], (x[i, :, :3] * 2).argmax(1)) for i in range(n)]
+
+
+def cross_entropy_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """One training step on ``batch`` with the cross-entropy loss; returns the loss before it."""
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def random_classification(
     n: int,
     features: int,

@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from cases import tanh_mlp
+from cases import cross_entropy_step, first_features_batches, tanh_mlp
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, NonFiniteGradientError, Shampoo
@@ -124,20 +124,6 @@ def _model() -> nn.Module:
     return tanh_mlp((80, 64, 3), 0)
 
 
-def _batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 32, 80, generator=generator)
-    return [(x[i], (x[i, :, :3] * 2).argmax(1)) for i in range(n)]
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
 def _entries(opt) -> dict[str, torch.Tensor]:
     return {
         f"{stack}/{k}": v for stack, state in opt.state.items() for k, v in state.items() if isinstance(v, torch.Tensor)
@@ -165,28 +151,28 @@ def test_an_ordinary_4bit_step_dequantises_what_it_applies_and_does_no_qr_bjorck
     model = _model()
     opt = FACTORIES[name](model.parameters(), state_precision="4bit", statistics_interval=4, precondition_frequency=8)
     first = 0 if name == "SOAP" else 1  # SOAP counts its initialising step as t = 0
-    batches = _batches(9 - first)
+    batches = first_features_batches(9 - first)
     for batch in batches[: 5 - first]:  # up to t = 4, a statistics step
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
     for batch in batches[5 - first : 8 - first]:  # t = 5, 6, 7
         calls.update(qr=0, bjorck=0, dequantize=0, quantize=0)
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
         assert calls == {"qr": 0, "bjorck": 0, "dequantize": 3, "quantize": 0}
     calls.update(qr=0, bjorck=0, dequantize=0, quantize=0)
-    _step(model, opt, batches[-1])  # t = 8: statistics and a refresh
+    cross_entropy_step(model, opt, batches[-1])  # t = 8: statistics and a refresh
     assert calls["qr"] >= 3 and calls["bjorck"] == 3 and calls["quantize"] >= 3
 
 
 @pytest.mark.parametrize("name", FACTORIES)
 def test_4bit_state_dict_round_trip_is_bit_identical_across_statistics_and_refreshes(name):
-    batches = _batches(12)
+    batches = first_features_batches(12)
     model = _model()
     make = lambda params: FACTORIES[name](
         params, state_precision="4bit", statistics_interval=2, precondition_frequency=4
     )
     opt = make(model.parameters())
     for batch in batches[:5]:
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
@@ -194,8 +180,8 @@ def test_4bit_state_dict_round_trip_is_bit_identical_across_statistics_and_refre
     twin_opt = make(twin.parameters())
     twin_opt.load_state_dict(torch.load(buffer))
     for batch in batches[5:]:
-        _step(model, opt, batch)
-        _step(twin, twin_opt, batch)
+        cross_entropy_step(model, opt, batch)
+        cross_entropy_step(twin, twin_opt, batch)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert _entries(opt).keys() == _entries(twin_opt).keys()
     assert all(torch.equal(v, _entries(twin_opt)[k]) for k, v in _entries(opt).items())
@@ -206,12 +192,12 @@ def test_shampoo_converts_between_full_and_4bit_state():
     in 4-bit stores them; the root applied after conversion is the original root to within the
     4-bit error: ‖Q̃ diag(s) Q̃ᵀ − P‖ ≤ (2‖Q̃ − Q‖ + ‖Q̃ − Q‖²)·max s with ‖Q̃ − Q‖ ≤ ‖Q̃ − Q‖_F
     ≤ 0.124·d·(largest entry), bounded here by its measured value. 4-bit → full rebuilds them."""
-    batches = _batches(10)
+    batches = first_features_batches(10)
     model = _model()
     options = dict(statistics_interval=1, precondition_frequency=2)
     opt = FACTORIES["Shampoo"](model.parameters(), **options)
     for batch in batches[:4]:
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
     root = opt.state[KEY_MLP]["root0"].clone()
     converted = FACTORIES["Shampoo"](copy.deepcopy(model).parameters(), state_precision="4bit", **options)
     converted.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -219,7 +205,7 @@ def test_shampoo_converts_between_full_and_4bit_state():
     native_model = _model()
     native = FACTORIES["Shampoo"](native_model.parameters(), state_precision="4bit", **options)
     for batch in batches[:4]:
-        _step(native_model, native, batch)
+        cross_entropy_step(native_model, native, batch)
     layout = lambda o: {
         s: {k: (v.dtype, tuple(v.shape)) for k, v in st.items() if torch.is_tensor(v)} for s, st in o.state.items()
     }
@@ -235,7 +221,7 @@ def test_shampoo_converts_between_full_and_4bit_state():
     back.load_state_dict(copy.deepcopy(converted.state_dict()))
     assert layout(back) == layout(opt)
     for batch in batches[4:]:
-        assert torch.isfinite(torch.tensor(_step(model, back, batch)))
+        assert torch.isfinite(torch.tensor(cross_entropy_step(model, back, batch)))
 
 
 KEY_MLP = "group0/64x80:PP"
@@ -257,8 +243,8 @@ def test_4bit_state_is_at_most_40_percent_of_float32(name):
     for p in ("full", "4bit"):
         model = _model()
         opt = FACTORIES[name](model.parameters(), state_precision=p, statistics_interval=1, precondition_frequency=2)
-        for batch in _batches(3):
-            _step(model, opt, batch)
+        for batch in first_features_batches(3):
+            cross_entropy_step(model, opt, batch)
         sizes[p] = opt.state_bytes()
     assert sizes["4bit"] <= 0.4 * sizes["full"]
 
@@ -267,11 +253,11 @@ def test_4bit_state_is_at_most_40_percent_of_float32(name):
 def test_a_non_finite_gradient_leaves_4bit_state_and_parameters_unchanged(name):
     model = _model()
     opt = FACTORIES[name](model.parameters(), state_precision="4bit", statistics_interval=2, precondition_frequency=2)
-    for batch in _batches(4):
-        _step(model, opt, batch)
+    for batch in first_features_batches(4):
+        cross_entropy_step(model, opt, batch)
     before = {k: v.clone() for k, v in _entries(opt).items()}
     params = [p.detach().clone() for p in model.parameters()]
-    x, y = _batches(1, seed=5)[0]
+    x, y = first_features_batches(1, seed=5)[0]
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     model[0].weight.grad[0, 0] = float("nan")

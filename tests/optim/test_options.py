@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from cases import FACTORIES, make_model, params_of, tanh_mlp, train
+from cases import FACTORIES, cross_entropy_step, first_features_batches, make_model, params_of, tanh_mlp, train
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo, state_memory
@@ -138,20 +138,6 @@ def _model() -> nn.Module:
     return tanh_mlp((80, 64, 3), 0)
 
 
-def _batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 32, 80, generator=generator)
-    return [(x[i], (x[i, :, :3] * 2).argmax(1)) for i in range(n)]
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
 def _layout(opt) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
     """Every stored entry's dtype and shape, by stack."""
     return {
@@ -195,11 +181,11 @@ def _first_update_bound(original, converted, moments_rounded: bool) -> float:
 @pytest.mark.parametrize("name", CONVERTIBLE)
 def test_a_checkpoint_resumes_in_the_precision_the_optimizer_was_built_with(name, saved, loaded):
     make = CONVERTIBLE[name]
-    batches = _batches(12)
+    batches = first_features_batches(12)
     model = _model()
     opt = make(model.parameters(), state_precision=saved)
     for batch in batches[:5]:
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
@@ -213,7 +199,7 @@ def test_a_checkpoint_resumes_in_the_precision_the_optimizer_was_built_with(name
     native_model = _model()
     native = make(native_model.parameters(), state_precision=loaded)
     for batch in batches[:5]:
-        _step(native_model, native, batch)
+        cross_entropy_step(native_model, native, batch)
     assert _layout(converted) == _layout(native)
     assert state_memory(converted) == state_memory(native)
 
@@ -226,8 +212,8 @@ def test_a_checkpoint_resumes_in_the_precision_the_optimizer_was_built_with(name
     losses, converted_losses = [], []
     for i, batch in enumerate(batches[5:]):
         before = params_of(model)
-        losses.append(_step(model, opt, batch))
-        converted_losses.append(_step(twin, converted, batch))
+        losses.append(cross_entropy_step(model, opt, batch))
+        converted_losses.append(cross_entropy_step(twin, converted, batch))
         if agreeing:
             # the converted state decodes to exactly what the original's kernel reads; an
             # optimizer that refreshes before its update (ECS's default) takes the first refresh
@@ -270,32 +256,32 @@ def test_changing_a_groups_state_precision_converts_its_state_at_the_next_step(n
     """Setting ``param_groups[i]['state_precision']`` (as one did after loading a checkpoint to
     force the precision back) used to raise ``KeyError: 'eigenbasis0'`` or ``'factor0'``."""
     make = CONVERTIBLE[name]
-    batches = _batches(12)
+    batches = first_features_batches(12)
     model = _model()
     opt = make(model.parameters(), state_precision="full")
     for batch in batches[:4]:
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
     for i, precision in enumerate(("4bit", "bfloat16", "4bit", "full", "bfloat16", "full"), start=4):
         opt.param_groups[0]["state_precision"] = precision
-        assert math.isfinite(_step(model, opt, batches[i]))
+        assert math.isfinite(cross_entropy_step(model, opt, batches[i]))
         native_model = _model()
         native = make(native_model.parameters(), state_precision=precision)
         for batch in batches[: i + 1]:
-            _step(native_model, native, batch)
+            cross_entropy_step(native_model, native, batch)
         assert _layout(opt) == _layout(native), precision
 
 
 def test_loading_into_a_4bit_optimizer_and_forcing_the_precision_back_no_longer_fails():
-    batches = _batches(8)
+    batches = first_features_batches(8)
     model = _model()
     opt = CONVERTIBLE["SOAP"](model.parameters())
     for batch in batches[:4]:
-        _step(model, opt, batch)
+        cross_entropy_step(model, opt, batch)
     resumed = CONVERTIBLE["SOAP"](model.parameters(), state_precision="4bit")
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     resumed.param_groups[0]["state_precision"] = "4bit"
     for batch in batches[4:]:
-        assert math.isfinite(_step(model, resumed, batch))
+        assert math.isfinite(cross_entropy_step(model, resumed, batch))
 
 
 @pytest.mark.parametrize("name", ["Shampoo", "Muon"])

@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from cases import tanh_mlp
+from cases import cross_entropy_step, first_features_batches, tanh_mlp
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, NonFiniteGradientError, Shampoo, state_memory
@@ -39,20 +39,12 @@ def _model(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     return tanh_mlp((80, 64, 3), seed, device=device)
 
 
-def _batches(n: int, seed: int = 1, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 32, 80, generator=generator).to(device)
-    return [(x[i], (x[i, :, :3] * 2).argmax(1)) for i in range(n)]
-
-
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches) -> float:
-    loss = torch.tensor(0.0)
-    for x, y in batches:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+    """Steps on ``batches``; the last step's loss."""
+    loss = 0.0
+    for batch in batches:
+        loss = cross_entropy_step(model, opt, batch)
+    return loss
 
 
 def _entries(opt) -> dict[str, torch.Tensor]:
@@ -63,7 +55,7 @@ def _entries(opt) -> dict[str, torch.Tensor]:
 def test_4bit_state_holds_codes_scales_and_eigenvalues_and_small_factors_whole(name, device):
     model = _model(device=device)
     opt = FACTORIES[name](model.parameters(), state_precision="4bit")
-    _train(model, opt, _batches(4, device=device))
+    _train(model, opt, first_features_batches(4, device=device))
     first = opt.state["group0/64x80:PP"]
     assert set(first) == {
         "basis0#codes", "basis0#scales", "basis1#codes", "basis1#scales",
@@ -82,7 +74,7 @@ def test_4bit_state_holds_codes_scales_and_eigenvalues_and_small_factors_whole(n
 def test_bfloat16_state_stores_moments_and_large_matrices_in_bfloat16(device):
     model = _model(device=device)
     opt = SOAP(model.parameters(), precondition_frequency=3, state_precision="bfloat16")
-    _train(model, opt, _batches(4, device=device))
+    _train(model, opt, first_features_batches(4, device=device))
     first, last = opt.state["group0/64x80:PP"], opt.state["group0/3x64:PP"]
     assert all(first[k].dtype == torch.bfloat16 for k in ("factor0", "factor1", "basis0", "basis1", "exp_avg", "exp_avg_sq"))
     assert last["factor0"].dtype == torch.float32 and last["factor1"].dtype == torch.bfloat16
@@ -121,7 +113,7 @@ def test_state_bytes_are_exact_for_4bit_and_bfloat16_state(device):
     for precision, expected in (("4bit", expected_4bit), ("bfloat16", expected_bf16), ("full", expected_full)):
         model = _model(device=device)
         opt = SOAP(model.parameters(), precondition_frequency=3, state_precision=precision)
-        _train(model, opt, _batches(4, device=device))
+        _train(model, opt, first_features_batches(4, device=device))
         assert opt.state_bytes() == expected, precision
         report = state_memory(opt)
         assert report.total == expected and report.parameters == parameters
@@ -133,7 +125,7 @@ def test_state_bytes_are_exact_for_4bit_and_bfloat16_state(device):
 def test_memory_report_of_a_peer_counts_its_state_tensors():
     model = _model()
     opt = torch.optim.AdamW(model.parameters())
-    _train(model, opt, _batches(2))
+    _train(model, opt, first_features_batches(2))
     parameters = sum(p.numel() for p in model.parameters())
     report = state_memory(opt)
     # exp_avg and exp_avg_sq in float32, plus a float32 scalar step per parameter
@@ -191,7 +183,7 @@ def test_a_4bit_basis_diagonalises_stationary_statistics(name, device):
 @pytest.mark.parametrize("precision", ["bfloat16", "4bit"])
 @pytest.mark.parametrize("name", FACTORIES)
 def test_state_dict_round_trip_with_low_precision_state_is_bit_identical(name, precision, device):
-    batches = _batches(10, device=device)
+    batches = first_features_batches(10, device=device)
     model = _model(device=device)
     opt = FACTORIES[name](model.parameters(), state_precision=precision)
     _train(model, opt, batches[:5])
@@ -212,10 +204,10 @@ def test_state_dict_round_trip_with_low_precision_state_is_bit_identical(name, p
 def test_non_finite_gradient_leaves_low_precision_state_unchanged(precision, device):
     model = _model(device=device)
     opt = SOAP(model.parameters(), precondition_frequency=3, state_precision=precision)
-    _train(model, opt, _batches(4, device=device))
+    _train(model, opt, first_features_batches(4, device=device))
     before = {k: v.clone() for k, v in _entries(opt).items()}
     params = [p.detach().clone() for p in model.parameters()]
-    x, y = _batches(1, seed=5, device=device)[0]
+    x, y = first_features_batches(1, seed=5, device=device)[0]
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     model[2].weight.grad[0, 0] = float("nan")
@@ -232,7 +224,7 @@ def test_low_precision_state_trains_like_full_precision(name, precision, device)
     frequency 10 here: refreshed every 3 steps, its full-precision run lags (final loss 0.904
     against 0.761 in 4-bit, whose eigenbases are tracked every step; 0.779 and 0.704 with
     "rotate"); at 10, 0.732 and 0.646."""
-    batches = _batches(30, device=device)
+    batches = first_features_batches(30, device=device)
     losses = {}
     options = {"precondition_frequency": 10} if name == "ECS" else {}
     for p in ("full", precision):
@@ -250,7 +242,7 @@ def test_ecs_4bit_adaptive_refresh_counts_per_factor(device):
     opt = EigenvalueCorrectedShampoo(
         model.parameters(), precondition_frequency=2, refresh="adaptive", tolerance=0.05, state_precision="4bit"
     )
-    _train(model, opt, _batches(8, device=device))
+    _train(model, opt, first_features_batches(8, device=device))
     counts = opt.refresh_counts()["group0/64x80:PP"]
     assert counts.shape == (1, 2) and int(counts.sum()) > 0
 
@@ -258,7 +250,7 @@ def test_ecs_4bit_adaptive_refresh_counts_per_factor(device):
 def test_shampoo_bfloat16_state(device):
     model = _model(device=device)
     opt = Shampoo(model.parameters(), precondition_frequency=2, start_preconditioning_step=2, state_precision="bfloat16")
-    _train(model, opt, _batches(5, device=device))
+    _train(model, opt, first_features_batches(5, device=device))
     state = opt.state["group0/64x80:PP"]
     assert state["factor1"].dtype == torch.bfloat16 and state["root1"].dtype == torch.bfloat16
     assert state["exp_avg"].dtype == torch.bfloat16
