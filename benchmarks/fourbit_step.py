@@ -12,10 +12,12 @@ and the ratios to the float32 run of the same optimizer.
 Variants: ``full`` (float32 state, the optimizer's defaults), ``4bit`` (the 4-bit Shampoo
 paper's schedule, the 4-bit defaults: statistics every 100 steps, bases or roots every 500) and
 ``4bit-T1=1`` (4-bit state, statistics on every step as before this change, bases or roots
-every 500). Shampoo applies its roots from step 2 in every variant.
+every 500) and ``4bit-short`` (4-bit state on a schedule for short runs: statistics every 5 steps,
+bases or roots every 10, docs/benchmarks.md). Shampoo applies its roots from step 2 in every
+variant.
 
 Usage: python benchmarks/fourbit_step.py [--steps 500] [--models mlp512 mlp1024]
-                                        [--variants full 4bit 4bit-T1=1] [--json FILE]
+                                        [--variants full 4bit 4bit-T1=1 4bit-short] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ VARIANTS = {
     "full": dict(state_precision="full"),
     "4bit": dict(state_precision="4bit"),
     "4bit-T1=1": dict(state_precision="4bit", statistics_interval=1),
+    "4bit-short": dict(state_precision="4bit", statistics_interval=5, precondition_frequency=10),
 }
 WIDTHS = {"mlp512": 512, "mlp1024": 1024}
 GRADIENT_SETS = 16
