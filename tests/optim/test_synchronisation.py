@@ -125,14 +125,12 @@ REFRESHING = {
 #: the file that takes them: the adaptive policy picks its stale blocks (one ``nonzero`` per
 #: refreshed factor) so that only they are decomposed (the authors' ascending QR algorithm,
 #: ECS's default for QR, steps every block and picks none), Newton stops once every root converged
-#: (one read per iteration), and a 4-bit Shampoo root adopts its eigenbasis whole (keeping its
-#: codes) after one read that every block is finite. Under skip_on_device none of them is taken.
+#: (one read per iteration). Under skip_on_device none of them is taken.
 REFRESH_EXCEPTIONS = {
     "ECS-adaptive": "ecshampoo.py",
     "ECS-adaptive-qr-rotate": "ecshampoo.py",
     "ECS-adaptive-4bit": "ecshampoo.py",
     "Shampoo-newton": "roots.py",
-    "Shampoo-4bit": "shampoo.py",
 }
 
 

@@ -22,6 +22,8 @@ from conditioner.optim.precision import SMALL_MATRIX
 
 #: Björck steps on a dequantised eigenbasis before its factor is rebuilt (the authors' ``rect_t1``)
 STATISTICS_RECTIFY_STEPS = 1
+#: Björck steps on a dequantised eigenbasis before an inverse root is formed from it (``rect_t2``)
+ROOT_RECTIFY_STEPS = 4
 
 State = MutableMapping[str, torch.Tensor]
 
@@ -41,9 +43,9 @@ def paired_dims(group: dict[str, Any], stack: Stack) -> list[int]:
     return [d for d in stack.preconditioned_dims if stack.shape[d] ** 2 >= SMALL_MATRIX]
 
 
-def rectified_basis(state: State, dim: int) -> torch.Tensor:
-    """The eigenbasis of ``dim`` after :data:`STATISTICS_RECTIFY_STEPS` Björck steps."""
-    return bjorck_rectify(state[eigenbasis_key(dim)], STATISTICS_RECTIFY_STEPS)
+def rectified_basis(state: State, dim: int, steps: int = STATISTICS_RECTIFY_STEPS) -> torch.Tensor:
+    """The eigenbasis of ``dim`` after ``steps`` Björck steps."""
+    return bjorck_rectify(state[eigenbasis_key(dim)], steps)
 
 
 def rebuild(basis: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -99,6 +101,7 @@ def restate_factors(state: dict[str, torch.Tensor], dims: list[int], paired: lis
 
 
 __all__ = [
+    "ROOT_RECTIFY_STEPS",
     "STATISTICS_RECTIFY_STEPS",
     "decompose",
     "eigenbasis_key",

@@ -21,25 +21,10 @@ from typing import Any
 import torch
 
 from conditioner.linalg import newton_schulz
-from conditioner.optim import eigenpairs
 from conditioner.optim.kronecker import apply_along, block_norms, project, project_back
 
 #: one scalar per entry: numbers or per-block tensors (eager), or one packed tensor (compiled)
 Scalars = Sequence[Any]
-#: an inverse root along one dim: the matrix ``P``, or its eigenpairs ``(Q, s)``, ``P = Q diag(s) Qᵀ``
-Root = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-def apply_eigen(x: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x ×_dim Q diag(s) Qᵀ`` for a stack ``x`` ``(B, ...)``: through ``P = Q diag(s) Qᵀ`` formed
-    once (d³ + d²·n flops, n the size of the other dims) or as ``Q (s ⊙ (Qᵀ x))`` (2·d²·n),
-    whichever costs less."""
-    d = basis.shape[-1]
-    if d <= x[0].numel() // d:
-        return apply_along(x, eigenpairs.rebuild(basis, scales), dim)
-    shape = [x.shape[0]] + [1] * (x.ndim - 1)
-    shape[dim + 1] = d
-    return apply_along(apply_along(x, basis.mT, dim) * scales.reshape(shape), basis, dim)
 
 
 def adam_in_basis(
@@ -77,7 +62,7 @@ def shampoo_direction(
     grad: torch.Tensor,
     exp_avg: torch.Tensor | None,
     graft_sq: torch.Tensor | None,
-    roots: Sequence[Root],
+    roots: Sequence[torch.Tensor],
     scalars: Scalars,
     *,
     dims: tuple[int, ...],
@@ -92,7 +77,7 @@ def shampoo_direction(
     look-ahead ``lerp(m, G, 1 − β1)``); the grafted method's second moment
     ``s ← κ·s + ω·G²`` (AdaGrad: ``s ← s + G²``; ``graft_sq`` None: SGD, unit scaling) and its direction
     ``M / (sqrt(s / c2) + ε_graft)``. With ``precondition``, the direction is ``M ×_i P_i`` for the
-    inverse ``roots`` along ``dims`` (each a matrix or its eigenpairs), scaled per block to the
+    inverse ``roots`` along ``dims``, scaled per block to the
     grafted direction's norm unless ``grafting`` is ``"none"``; otherwise it is the grafted
     direction. Returns ``(m, s, direction)``.
     """
@@ -112,9 +97,7 @@ def shampoo_direction(
         return exp_avg, graft_sq, graft
     direction = momentum
     for d, root in zip(dims, roots):
-        direction = (
-            apply_along(direction, root, d) if isinstance(root, torch.Tensor) else apply_eigen(direction, *root, d)
-        )
+        direction = apply_along(direction, root, d)
     if grafting != "none":
         norm = block_norms(direction)
         direction = direction * torch.where(norm > 0, block_norms(graft) / norm.clamp_min(1e-30), 0.0)
@@ -142,4 +125,4 @@ def muon_direction(
     return momentum, newton_schulz(direction, ns_steps, ns_coefficients)
 
 
-__all__ = ["Root", "Scalars", "adam_in_basis", "apply_eigen", "muon_direction", "shampoo_direction"]
+__all__ = ["Scalars", "adam_in_basis", "muon_direction", "shampoo_direction"]

@@ -9,6 +9,10 @@ only what is kept between steps changes. Every state entry has a role, declared 
 - ``"matrix"``: any other matrix per block (Kronecker factors, inverse roots). bfloat16 with
   ``"bfloat16"``; kept as it is with ``"4bit"`` (optimizers that support 4-bit bases keep their
   large factors as eigenpairs instead, see :mod:`conditioner.optim.eigen_adam`).
+- ``"root"``: a symmetric matrix whose diagonal carries much of its weight (Shampoo's inverse
+  roots). bfloat16 with ``"bfloat16"``; with ``"4bit"`` its off-diagonal entries are block
+  quantised and its diagonal kept in the working dtype (the 4-bit Shampoo authors' storage of
+  inverse roots: the diagonal neither spends a code nor sets the blocks' scales).
 - ``"moment"``: element-wise moments. bfloat16 with ``"bfloat16"``, kept with ``"4bit"``.
 - ``"exact"``: counters, eigenvalues: never rounded.
 
@@ -17,7 +21,7 @@ step dequantises only the bases it applies, not the statistics it leaves alone.
 
 Matrices with fewer than :data:`SMALL_MATRIX` elements stay in full precision: they cost little,
 and the quantisation blocks of 64 values would hold few of their entries. A 4-bit basis ``K`` is
-stored as ``K#codes`` and ``K#scales``.
+stored as ``K#codes`` and ``K#scales``, a 4-bit root also as ``K#diagonal``.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ import torch
 from conditioner.linalg.quantize import Quantized, dequantize, quantize
 
 PRECISIONS = ("full", "bfloat16", "4bit")
-ROLES = ("basis", "matrix", "moment", "exact")
+ROLES = ("basis", "matrix", "root", "moment", "exact")
 SMALL_MATRIX = 4096
 #: the 4-bit Shampoo paper's intervals (Wang et al. 2024, and their code's defaults): statistics
 #: every T1 = 100 steps, what is applied (inverse roots, eigenbases) every T2 = 500
 PAPER_STATISTICS_INTERVAL = 100
 PAPER_PRECONDITION_FREQUENCY = 500
-_CODES, _SCALES = "#codes", "#scales"
+_CODES, _SCALES, _DIAGONAL = "#codes", "#scales", "#diagonal"
 
 #: decoded entries: key → (the working tensor handed to the kernel, the stored entries it came from)
 Decoded = dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -62,7 +66,8 @@ def is_large_matrix(value: torch.Tensor) -> bool:
 
 
 def stored_form(role: str, precision: str, value: torch.Tensor) -> str:
-    """``"as-is"``, ``"bfloat16"`` or ``"4bit"``: how ``value`` of ``role`` is kept under ``precision``."""
+    """``"as-is"``, ``"bfloat16"``, ``"4bit"`` or ``"4bit-off-diagonal"``: how ``value`` of ``role``
+    is kept under ``precision``."""
     if role not in ROLES:
         raise ValueError(f"unknown state role {role!r}; expected one of {ROLES}")
     if precision == "full" or role == "exact" or not value.is_floating_point():
@@ -72,7 +77,7 @@ def stored_form(role: str, precision: str, value: torch.Tensor) -> str:
     if not is_large_matrix(value):
         return "as-is"
     if precision == "4bit":
-        return "4bit" if role == "basis" else "as-is"
+        return {"basis": "4bit", "root": "4bit-off-diagonal"}.get(role, "as-is")
     return "bfloat16"
 
 
@@ -82,8 +87,12 @@ def encode(key: str, value: torch.Tensor, form: str) -> dict[str, torch.Tensor]:
         return {key: value}
     if form == "bfloat16":
         return {key: value.to(torch.bfloat16)}
-    codes, scales = quantize(value)
-    return {key + _CODES: codes, key + _SCALES: scales}
+    if form == "4bit":
+        codes, scales = quantize(value)
+        return {key + _CODES: codes, key + _SCALES: scales}
+    diagonal = torch.diagonal(value, dim1=-2, dim2=-1)
+    codes, scales = quantize(value - torch.diag_embed(diagonal))
+    return {key + _CODES: codes, key + _SCALES: scales, key + _DIAGONAL: diagonal.clone()}
 
 
 class StoredState(Mapping[str, torch.Tensor]):
@@ -97,7 +106,7 @@ class StoredState(Mapping[str, torch.Tensor]):
     def __init__(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         self._stored = stored
         self._dtype = dtype
-        self._names = [k.removesuffix(_CODES) for k in stored if not k.endswith(_SCALES)]
+        self._names = [k.removesuffix(_CODES) for k in stored if not k.endswith((_SCALES, _DIAGONAL))]
         self._working: dict[str, torch.Tensor] = {}
         self.decoded: Decoded = {}
 
@@ -114,8 +123,10 @@ class StoredState(Mapping[str, torch.Tensor]):
         if key in self._working:
             return self._working[key]
         if key + _CODES in self._stored:
-            entries = {key + _CODES: self._stored[key + _CODES], key + _SCALES: self._stored[key + _SCALES]}
-            value = dequantize(Quantized(*entries.values())).to(self._dtype)
+            entries = {k: self._stored[k] for k in (key + _CODES, key + _SCALES, key + _DIAGONAL) if k in self._stored}
+            value = dequantize(Quantized(entries[key + _CODES], entries[key + _SCALES])).to(self._dtype)
+            if key + _DIAGONAL in entries:  # the off-diagonal part's codes for its zero diagonal are replaced
+                torch.diagonal(value, dim1=-2, dim2=-1).copy_(entries[key + _DIAGONAL])
         else:
             value = self._stored[key]
             if not (value.is_floating_point() and value.dtype != self._dtype):

@@ -42,14 +42,6 @@ def _root_key(dim: int) -> str:
     return f"root{dim}"
 
 
-def _root_basis_key(dim: int) -> str:
-    return f"root_basis{dim}"
-
-
-def _root_scales_key(dim: int) -> str:
-    return f"root_scales{dim}"
-
-
 class Shampoo(StackedOptimizer):
     """Shampoo with grafting, on stacked blocks.
 
@@ -78,10 +70,11 @@ class Shampoo(StackedOptimizer):
       bfloat16); ``"4bit"`` (Wang et al. 2024, docs/algorithms.md §4): each factor of
       ``d² ≥ 4096`` elements is kept as a 4-bit eigenbasis and float32 eigenvalues
       (:mod:`conditioner.optim.eigenpairs`; the first statistic by ``eigh``, later ones by one
-      warm-started QR step), and its inverse root as the 4-bit eigenbasis it was computed in
-      (the same codes) and float32 scales ``(λ̂ + ε)^(-1/p)``, applied as ``Q diag(s) Qᵀ`` from
-      the dequantised Q; those roots come from the eigenpairs (``root_method`` applies to the
-      smaller factors, which stay whole). Moments stay float32.
+      warm-started QR step); its inverse root ``Q diag((λ̂ + ε)^(-1/p)) Qᵀ`` is formed from the
+      eigenbasis after four Björck steps and stored with its off-diagonal entries in 4 bits and
+      its diagonal in float32, as the authors store roots (``root_method`` applies to the smaller
+      factors, which stay whole). An ordinary step dequantises each root and applies it, one
+      product per dimension as in float32. Moments stay float32.
     """
 
     checks = {
@@ -101,9 +94,8 @@ class Shampoo(StackedOptimizer):
     max_dim_option = "max_preconditioner_dim"
     state_roles = {
         "factor": "matrix",
-        "root": "matrix",
+        "root": "root",
         "eigenbasis": "basis",
-        "root_basis": "basis",
         "exp_avg": "moment",
         "graft_sq": "moment",
     }
@@ -185,31 +177,18 @@ class Shampoo(StackedOptimizer):
         for dim in dims:
             d = stack.shape[dim]
             identity = torch.eye(d, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], d, d).clone()
-            if dim in paired:  # no statistics yet; the root is the identity
+            state[_root_key(dim)] = identity
+            if dim in paired:  # no statistics yet
                 state[eigenbasis_key(dim)] = identity
                 state[eigenvalues_key(dim)] = grad.new_zeros(grad.shape[0], d)
-                state[_root_basis_key(dim)] = identity
-                state[_root_scales_key(dim)] = grad.new_ones(grad.shape[0], d)
             else:
                 state[factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
-                state[_root_key(dim)] = identity
         return state
 
     def restate(self, group: dict[str, Any], stack: Stack, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Under the group's precision: large factors as eigenpairs (``eigh``) and their roots as
-        eigenpairs (the root's eigenvectors and eigenvalues), or both whole; the rest is kept."""
-        dims = stack.preconditioned_dims
-        paired = paired_dims(group, stack)
-        state = eigenpairs.restate_factors(state, dims, paired)
-        for d in dims:
-            if d in paired and _root_key(d) in state:
-                root = state.pop(_root_key(d))
-                eig = safe_eigh(root)
-                state[_root_basis_key(d)] = eig.eigenvectors.to(root.dtype)
-                state[_root_scales_key(d)] = eig.eigenvalues.to(root.dtype)
-            elif d not in paired and _root_scales_key(d) in state:
-                state[_root_key(d)] = eigenpairs.rebuild(state.pop(_root_basis_key(d)), state.pop(_root_scales_key(d)))
-        return state
+        """Under the group's precision: large factors as eigenpairs (``eigh``), or whole; the roots
+        and the rest are kept (their stored form follows the precision)."""
+        return eigenpairs.restate_factors(state, stack.preconditioned_dims, paired_dims(group, stack))
 
     def _inverse_roots(
         self,
@@ -222,7 +201,7 @@ class Shampoo(StackedOptimizer):
         the bias correction; under the on-device policy a per-block tensor); returns how many of
         those this process computed fell back from Newton to eigh (a host count; under the
         on-device policy 0, the count being deferred to :meth:`report_failures`). A factor kept
-        as eigenpairs gives its root directly: its eigenbasis and scales ``(λ̂⁺ + ε)^(-1/p)``."""
+        as eigenpairs gives its root from them (:meth:`_eigen_root`)."""
         beta2 = group["betas"][1]
         correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**statistics
         if isinstance(correction, torch.Tensor):  # per block: shaped for the (B, d, d) factors
@@ -253,7 +232,7 @@ class Shampoo(StackedOptimizer):
                 state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
                 fell_backs[:, position] += fell_back.to(fell_backs.dtype)
             else:
-                ok = self._eigen_root(group, p, state, d, correction, synchronise)
+                ok = self._eigen_root(group, p, state, d, correction)
             refreshes[:, position] += ok.to(refreshes.dtype)
         state["refreshes"] = refreshes
         state["fallbacks"] = fell_backs
@@ -266,22 +245,17 @@ class Shampoo(StackedOptimizer):
         state: MutableMapping[str, torch.Tensor],
         d: int,
         correction: float | torch.Tensor,
-        synchronise: bool,
     ) -> torch.Tensor:
-        """The root of a factor kept as eigenpairs: its eigenbasis (the same 4-bit codes) and
-        ``((λ/c)⁺ + ε)^(-1/p)``; blocks whose scales are not finite keep their root. Returns the
-        per-block mask of roots replaced. ``synchronise``: read whether every block is finite,
-        to adopt the eigenbasis whole (its codes kept) when it is; otherwise always mask."""
+        """The root of a factor kept as eigenpairs, ``V diag(((λ/c)⁺ + ε)^(-1/p)) Vᵀ`` for the
+        eigenbasis V after :data:`~conditioner.optim.eigenpairs.ROOT_RECTIFY_STEPS` Björck steps
+        (Wang et al. 2024); blocks whose scales are not finite keep their root. Returns the
+        per-block mask of roots replaced."""
         if isinstance(correction, torch.Tensor):  # (B, 1, 1) for the factors: (B, 1) for the eigenvalues
             correction = correction.reshape(-1, 1)
         scales = (state[eigenvalues_key(d)] / correction).clamp_min(0.0).add(group["epsilon"]).pow(-1.0 / p)
         ok = torch.isfinite(scales).all(-1)
-        basis = state[eigenbasis_key(d)]
-        if not synchronise or not bool(ok.all()):  # one synchronisation, on a root step only
-            basis = torch.where(ok[:, None, None], basis, state[_root_basis_key(d)])
-            scales = torch.where(ok[:, None], scales, state[_root_scales_key(d)])
-        state[_root_basis_key(d)] = basis
-        state[_root_scales_key(d)] = scales
+        root = eigenpairs.rebuild(eigenpairs.rectified_basis(state, d, eigenpairs.ROOT_RECTIFY_STEPS), scales)
+        state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
         return ok
 
     @staticmethod
@@ -339,11 +313,7 @@ class Shampoo(StackedOptimizer):
         correction2 = 1.0 - beta**counted if grafting == "adam" else 1.0
         correction1 = 1.0 - beta1 ** (counted + 1) if group["nesterov"] else 1.0 - beta1**counted
         precondition = bool(dims) and t >= start
-        roots = [
-            (state[_root_basis_key(d)], state[_root_scales_key(d)]) if d in paired else state[_root_key(d)]
-            for d in dims
-            if precondition
-        ]
+        roots = [state[_root_key(d)] for d in dims if precondition]
         exp_avg, graft_sq, result.update = run_kernel(
             group["compile_kernels"],
             shampoo_direction,
