@@ -24,7 +24,9 @@ from conditioner.app.bench.runner import initial_model, prepare_data
 from conditioner.app.data import load_dataset
 
 
-def largest_changes(preset_name: str, frequency: int, steps: int, interval: int, transport: str) -> list[tuple[float, float]]:
+def largest_changes(
+    preset_name: str, frequency: int, steps: int, interval: int, transport: str
+) -> list[tuple[float, float]]:
     """(training loss, largest parameter change) of each step."""
     preset = PRESETS[preset_name]
     data = prepare_data(load_dataset(preset.dataset), preset)

@@ -16,8 +16,8 @@ import pathlib
 import runpy
 import sys
 
-import conditioner.optim.precision as precision
 from conditioner.linalg.orthogonal import bjorck_rectify
+from conditioner.optim import precision
 from conditioner.optim.eigen_adam import EigenAdam
 from conditioner.optim.shampoo import Shampoo
 

@@ -223,7 +223,9 @@ TRAINERS = {
     # ε = 1e-6 (the 4-bit paper's): with the default 1e-12 a bfloat16 factor's rounding, about 2⁻⁹
     # of its largest entries, swamps the small eigenvalues that the inverse root amplifies (final
     # loss 0.735 against 0.611 in full precision here; 0.591 against 0.579 with 1e-6)
-    "Shampoo": lambda params, **kw: Shampoo(params, **{"lr": 1e-2, "start_preconditioning_step": 2, "epsilon": 1e-6, **kw}),
+    "Shampoo": lambda params, **kw: Shampoo(
+        params, **{"lr": 1e-2, "start_preconditioning_step": 2, "epsilon": 1e-6, **kw}
+    ),
 }
 #: statistics on every step (the full-precision default), and sampled every third step with a
 #: refresh every sixth (the 4-bit paper's kind of schedule, shortened to fit 30 steps)
