@@ -4,9 +4,9 @@
 whether the non-orthogonality of dequantised bases (an ordinary step projects with them as they
 are) matters. ``--ablate exact-bases``: the 4-bit layout and schedule are kept (factors as
 eigenpairs, tracked by one QR step per statistics update, a second basis adopted at refreshes)
-but every basis is stored exactly in float32, testing the eigenpair scheme apart from the 4-bit
-rounding. The change holds for this process only; the other arguments are those of
-``benchmarks/bench_variants.py``.
+but every basis (and Shampoo's roots) is stored exactly in float32, testing the eigenpair
+scheme apart from the 4-bit rounding. The change holds for this process only; the other
+arguments are those of ``benchmarks/bench_variants.py``.
 
 Usage: PYTHONPATH=$PWD/src python benchmarks/fourbit_ablation.py --ablate rectified 'soap-4bit:0.001' --preset fashion-mlp --seeds 0 --threads 1
 """
@@ -29,7 +29,9 @@ def rectify_decoded_bases() -> None:
 
 def store_bases_exactly() -> None:
     for cls in (EigenAdam, Shampoo):
-        cls.state_roles = {key: ("exact" if role == "basis" else role) for key, role in cls.state_roles.items()}
+        cls.state_roles = {
+            key: ("exact" if role in ("basis", "root") else role) for key, role in cls.state_roles.items()
+        }
 
 
 ABLATIONS = {"rectified": rectify_decoded_bases, "exact-bases": store_bases_exactly}
