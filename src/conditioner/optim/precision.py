@@ -6,7 +6,7 @@ only what is kept between steps changes. Every state entry has a role, declared 
 - ``"basis"``: an orthogonal matrix per block (eigenbases). bfloat16, or with ``"4bit"`` block
   quantised (:mod:`conditioner.linalg.quantize`) and read back by dequantisation alone (the
   optimizers rectify where their schedule needs an orthogonal matrix, docs/algorithms.md §4).
-- ``"matrix"``: any other matrix per block (Kronecker factors, inverse roots). bfloat16 with
+- ``"matrix"``: any other matrix per block (Kronecker factors). bfloat16 with
   ``"bfloat16"``; kept as it is with ``"4bit"`` (optimizers that support 4-bit bases keep their
   large factors as eigenpairs instead, see :mod:`conditioner.optim.eigen_adam`).
 - ``"root"``: a symmetric matrix whose diagonal carries much of its weight (Shampoo's inverse

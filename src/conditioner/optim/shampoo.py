@@ -179,7 +179,7 @@ class Shampoo(StackedOptimizer):
             identity = torch.eye(d, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], d, d).clone()
             state[_root_key(dim)] = identity
             if dim in paired:  # no statistics yet
-                state[eigenbasis_key(dim)] = identity
+                state[eigenbasis_key(dim)] = identity.clone()
                 state[eigenvalues_key(dim)] = grad.new_zeros(grad.shape[0], d)
             else:
                 state[factor_key(dim)] = grad.new_zeros(grad.shape[0], d, d)
