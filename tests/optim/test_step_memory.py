@@ -75,14 +75,17 @@ def step_peak(name: str, layers: int) -> tuple[int, int]:
 def test_the_memory_an_ordinary_step_allocates_does_not_grow_with_the_model(name):
     """Four times the layers, four times the state, the same step peak. With one block per chunk
     the peak is a few block-sized temporaries (gradient, projections, moments, update: measured
-    about 7 blocks for SOAP and 10 for Muon's Newton–Schulz); the bound allows one block of slack
-    for page rounding and the interpreter. Before chunking the peak grew with the layers (SOAP: 22
-    MB at 3 layers, 88 MB at 12, 1.17× the state)."""
+    about 7 blocks for SOAP and 10 for Muon's Newton–Schulz). Each measurement varies from run to
+    run by about one block (page rounding, the interpreter's own allocations: SOAP and Shampoo
+    peaks between 1.30 and 1.86 MB over ten runs of each size), so the bound allows four blocks
+    between the two sizes; without chunking the nine more layers would add about 7 blocks each.
+    (Before chunking the peak grew with the layers: SOAP 22 MB at 3 layers, 88 MB at 12, 1.17×
+    the state.) With one block of slack, Shampoo failed once in a run of the suite (1.47 → 1.78 MB)."""
     small, small_state = step_peak(name, 3)
     large, large_state = step_peak(name, 12)
     block_bytes = BLOCK_ELEMENTS * 4
     assert large_state >= 3.9 * small_state
-    assert large <= small + block_bytes, (small, large)
+    assert large <= small + 4 * block_bytes, (small, large)
     assert large <= 12 * block_bytes, large
 
 
