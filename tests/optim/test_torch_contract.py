@@ -438,3 +438,43 @@ def test_a_small_classifier_learns(name, device):
     assert final < 0.35 * losses[0], (losses[0], final)
     assert accuracy > 0.85
     assert opt.total_refreshes() > 0  # the Kronecker machinery was in use
+
+
+@pytest.mark.parametrize(("saved", "loading"), [("Shampoo", "SOAP"), ("SOAP", "Shampoo"), ("Shampoo", "ECS")])
+def test_loading_the_state_of_another_optimizer_raises_naming_the_entries_and_loads_nothing(saved, loading):
+    """Same parameters and blocks, other state entries: refused before anything is loaded (before,
+    the state loaded and the next step failed with a KeyError, or ran on entries it misread)."""
+    model = make_model()
+    source = FACTORIES[saved](model.parameters())
+    train(model, source, 4)
+    target_model = copy.deepcopy(model)
+    target = FACTORIES[loading](target_model.parameters())
+    train(target_model, target, 4)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict: the state of .* has entries .* does not keep"):
+        target.load_state_dict(copy.deepcopy(source.state_dict()))
+    after = target.state_dict()
+    assert before["param_groups"] == after["param_groups"]
+    for key, state in before["state"].items():
+        assert all(torch.equal(v, after["state"][key][k]) for k, v in state.items() if torch.is_tensor(v))
+
+
+def test_a_4bit_shampoo_state_of_the_earlier_layout_is_refused_naming_its_entries():
+    """Last version's 4-bit Shampoo stored each large root as ``root_basis`` codes and
+    ``root_scales``; this one stores ``root`` (4-bit off-diagonal, float32 diagonal)."""
+    model = nn.Sequential(nn.Linear(80, 64), nn.Tanh(), nn.Linear(64, 3))
+    options = dict(state_precision="4bit", statistics_interval=1, precondition_frequency=2)
+    opt = FACTORIES["Shampoo"](model.parameters(), **options)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 80)).square().mean().backward()
+        opt.step()
+    state_dict = copy.deepcopy(opt.state_dict())
+    for stack in state_dict["state"].values():
+        if "root0#codes" in stack:
+            stack["root_basis0#codes"] = stack.pop("root0#codes")
+            stack["root_basis0#scales"] = stack.pop("root0#scales")
+            stack["root_scales0"] = stack.pop("root0#diagonal")
+    twin = FACTORIES["Shampoo"](copy.deepcopy(model).parameters(), **options)
+    with pytest.raises(ValueError, match=r"\['root_basis0', 'root_scales0'\]"):
+        twin.load_state_dict(state_dict)

@@ -82,7 +82,7 @@ from conditioner.distributed.sharded import UpdateBuffers, full_tensor, local_te
 from conditioner.linalg.deferred import DeferredWarning, deferring_warnings, log_counts, merge_counts
 from conditioner.optim.compiled import check_compile_kernels
 from conditioner.optim.kronecker import fold_in, fold_in_
-from conditioner.optim.precision import Decoded, StoredState, decode, encode, stored_form
+from conditioner.optim.precision import Decoded, StoredState, decode, encode, entry_name, stored_form
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,9 @@ class StackedOptimizer(torch.optim.Optimizer):
     #: the storage role (see :mod:`conditioner.optim.precision`) of each state entry, by its key
     #: without trailing digits; entries not named are ``"exact"``
     state_roles: dict[str, str] = {}
+    #: the other entries a stack's state may hold (exact: counters, eigenvalues), named the same
+    #: way; with ``state_roles`` and the step counts, every entry a loaded state may have
+    exact_entries: tuple[str, ...] = ()
     #: the name of the option that bounds a factor's dimension (each paper's own spelling)
     max_dim_option = "max_precond_dim"
     #: computes the per-block decompositions of a refresh; None: all on this process, else a
@@ -653,6 +656,20 @@ class StackedOptimizer(torch.optim.Optimizer):
         index = torch.tensor(members)
         return {k: v.index_select(0, index.to(v.device)) for k, v in stored.items() if k != "step"}
 
+    def _check_entries(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything is loaded, a stack state with an entry this optimizer does not
+        keep (saved by another optimizer, or by a version that stored it otherwise)."""
+        known = {*self.state_roles, *self.exact_entries, "step", "taken"}
+        for key, stored in state_dict.get("state", {}).items():
+            if not isinstance(key, str):
+                continue
+            unknown = sorted({n for n in map(entry_name, stored) if n.rstrip("0123456789") not in known})
+            if unknown:
+                raise ValueError(
+                    f"state_dict: the state of {key!r} has entries {unknown} that {type(self).__name__} does not "
+                    f"keep (its entries: {sorted(known)}); was it saved by another optimizer, or another version?"
+                )
+
     def state_role(self, key: str) -> str:
         return self.state_roles.get(key.rstrip("0123456789"), "exact")
 
@@ -808,6 +825,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         choice of how this process runs the step rather than of what it computes. Options newer
         than the checkpoint take this optimizer's defaults.
         """
+        self._check_entries(state_dict)
         precisions = [group["state_precision"] for group in self.param_groups]
         compiling = [group["compile_kernels"] for group in self.param_groups]
         saved = [group.get("state_precision", "full") for group in state_dict["param_groups"]]

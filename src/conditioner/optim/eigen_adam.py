@@ -110,6 +110,7 @@ class EigenAdam(StackedOptimizer):
         "state_precision": choice(*PRECISIONS),
         "statistics_interval": count(1),
     }
+    exact_entries = ("refreshes", "eigenvalues")
     state_roles = {
         "basis": "basis",
         "eigenbasis": "basis",

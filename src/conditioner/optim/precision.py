@@ -60,6 +60,11 @@ def schedule(
     return statistics_interval, precondition_frequency
 
 
+def entry_name(stored_key: str) -> str:
+    """The working entry a stored key belongs to: ``"basis0"`` for ``"basis0#codes"``."""
+    return stored_key.split("#", 1)[0]
+
+
 def is_large_matrix(value: torch.Tensor) -> bool:
     """A stack ``(B, d, d)`` of matrices with at least :data:`SMALL_MATRIX` elements each."""
     return value.ndim == 3 and value.shape[1] == value.shape[2] and math.prod(value.shape[1:]) >= SMALL_MATRIX
@@ -155,6 +160,7 @@ __all__ = [
     "StoredState",
     "decode",
     "encode",
+    "entry_name",
     "is_large_matrix",
     "schedule",
     "stored_form",

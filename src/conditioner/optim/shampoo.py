@@ -92,6 +92,7 @@ class Shampoo(StackedOptimizer):
         "statistics_interval": count(1),
     }
     max_dim_option = "max_preconditioner_dim"
+    exact_entries = ("refreshes", "fallbacks", "eigenvalues")
     state_roles = {
         "factor": "matrix",
         "root": "root",
