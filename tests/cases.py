@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from hypothesis import HealthCheck, settings
@@ -235,6 +237,14 @@ def assert_same_state_dict(a, b):
                 assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), (key, name)
             else:
                 assert sa[name] == sb[name], (key, name)
+
+
+def through_file(state_dict: dict) -> dict:
+    """``state_dict`` after ``torch.save`` and ``torch.load`` (in memory), as a checkpoint comes back."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
 
 
 def floating_state(opt):

@@ -5,11 +5,10 @@ apply and nothing else; 4-bit Shampoo; its round trips, conversions, bytes and N
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from cases import cross_entropy_step, first_features_batches, tanh_mlp
+from cases import cross_entropy_step, first_features_batches, tanh_mlp, through_file
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, NonFiniteGradientError, Shampoo
@@ -174,12 +173,10 @@ def test_4bit_state_dict_round_trip_is_bit_identical_across_statistics_and_refre
     opt = make(model.parameters())
     for batch in batches[:5]:
         cross_entropy_step(model, opt, batch)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
+    saved = through_file(opt.state_dict())
     twin = copy.deepcopy(model)
     twin_opt = make(twin.parameters())
-    twin_opt.load_state_dict(torch.load(buffer))
+    twin_opt.load_state_dict(saved)
     for batch in batches[5:]:
         cross_entropy_step(model, opt, batch)
         cross_entropy_step(twin, twin_opt, batch)

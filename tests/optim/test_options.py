@@ -7,12 +7,20 @@ test_soap_reference.py)."""
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
 import torch
-from cases import FACTORIES, cross_entropy_step, first_features_batches, make_model, params_of, tanh_mlp, train
+from cases import (
+    FACTORIES,
+    cross_entropy_step,
+    first_features_batches,
+    make_model,
+    params_of,
+    tanh_mlp,
+    through_file,
+    train,
+)
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, Muon, Shampoo, state_memory
@@ -186,12 +194,10 @@ def test_a_checkpoint_resumes_in_the_precision_the_optimizer_was_built_with(name
     opt = make(model.parameters(), state_precision=saved)
     for batch in batches[:5]:
         cross_entropy_step(model, opt, batch)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
+    saved = through_file(opt.state_dict())
     twin = copy.deepcopy(model)
     converted = make(twin.parameters(), state_precision=loaded, lr=3e-2)
-    converted.load_state_dict(torch.load(buffer))
+    converted.load_state_dict(saved)
 
     # the precision asked for now wins; every other hyperparameter comes from the checkpoint
     assert converted.param_groups[0]["state_precision"] == loaded and converted.param_groups[0]["lr"] == 1e-2

@@ -7,11 +7,10 @@ margin well above the float32 round-off by which the devices differ."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from cases import cross_entropy_step, first_features_batches, tanh_mlp
+from cases import cross_entropy_step, first_features_batches, tanh_mlp, through_file
 from torch import nn
 
 from conditioner import SOAP, EigenvalueCorrectedShampoo, NonFiniteGradientError, Shampoo, state_memory
@@ -188,12 +187,10 @@ def test_state_dict_round_trip_with_low_precision_state_is_bit_identical(name, p
     model = _model(device=device)
     opt = FACTORIES[name](model.parameters(), state_precision=precision)
     _train(model, opt, batches[:5])
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
+    saved = through_file(opt.state_dict())
     twin = copy.deepcopy(model)
     twin_opt = FACTORIES[name](twin.parameters(), state_precision=precision)
-    buffer.seek(0)
-    twin_opt.load_state_dict(torch.load(buffer))
+    twin_opt.load_state_dict(saved)
     _train(model, opt, batches[5:])
     _train(twin, twin_opt, batches[5:])
     for a, b in zip(model.parameters(), twin.parameters()):

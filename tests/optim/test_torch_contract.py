@@ -6,7 +6,6 @@ fixture); argument checks, which compute nothing, run on the CPU."""
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import pytest
@@ -24,6 +23,7 @@ from cases import (
     params_of,
     tanh_mlp,
     teacher_classification,
+    through_file,
     train,
 )
 from torch import nn
@@ -170,10 +170,7 @@ def test_missing_gradients_in_a_shared_stack(name, device):
 def _save(opt, how):
     if how == "deepcopy":
         return copy.deepcopy(opt.state_dict())
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer)
+    return through_file(opt.state_dict())
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
