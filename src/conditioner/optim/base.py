@@ -86,6 +86,13 @@ from conditioner.optim.precision import Decoded, StoredState, decode, encode, en
 
 logger = logging.getLogger(__name__)
 
+
+def _kind(key: str) -> str:
+    """A state entry's key without its dimension (``"root0"`` → ``"root"``), as ``state_roles``
+    and ``exact_entries`` name entries."""
+    return key.rstrip("0123456789")
+
+
 #: the policy that decides on the device whether a step is applied (no host synchronisation)
 ON_DEVICE = "skip_on_device"
 NONFINITE_POLICIES = ("raise", "skip", ON_DEVICE)
@@ -663,7 +670,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         for key, stored in state_dict.get("state", {}).items():
             if not isinstance(key, str):
                 continue
-            unknown = sorted({n for n in map(entry_name, stored) if n.rstrip("0123456789") not in known})
+            unknown = sorted({n for n in map(entry_name, stored) if _kind(n) not in known})
             if unknown:
                 raise ValueError(
                     f"state_dict: the state of {key!r} has entries {unknown} that {type(self).__name__} does not "
@@ -671,7 +678,7 @@ class StackedOptimizer(torch.optim.Optimizer):
                 )
 
     def state_role(self, key: str) -> str:
-        return self.state_roles.get(key.rstrip("0123456789"), "exact")
+        return self.state_roles.get(_kind(key), "exact")
 
     def _encode(self, item: _Pending) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, float]]]:
         """The entries to store for a kernel's result, and the folds still to apply in place.

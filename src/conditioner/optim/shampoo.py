@@ -249,13 +249,13 @@ class Shampoo(StackedOptimizer):
     ) -> torch.Tensor:
         """The root of a factor kept as eigenpairs, ``V diag(((λ/c)⁺ + ε)^(-1/p)) Vᵀ`` for the
         eigenbasis V after :data:`~conditioner.optim.eigenpairs.ROOT_RECTIFY_STEPS` Björck steps
-        (Wang et al. 2024); blocks whose scales are not finite keep their root. Returns the
-        per-block mask of roots replaced."""
+        (Wang et al. 2024); blocks whose root is not finite keep their old one, as in
+        :meth:`_inverse_root`. Returns the per-block mask of roots replaced."""
         if isinstance(correction, torch.Tensor):  # (B, 1, 1) for the factors: (B, 1) for the eigenvalues
             correction = correction.reshape(-1, 1)
-        scales = (state[eigenvalues_key(d)] / correction).clamp_min(0.0).add(group["epsilon"]).pow(-1.0 / p)
-        ok = torch.isfinite(scales).all(-1)
-        root = eigenpairs.rebuild(eigenpairs.rectified_basis(state, d, eigenpairs.ROOT_RECTIFY_STEPS), scales)
+        basis = eigenpairs.rectified_basis(state, d, eigenpairs.ROOT_RECTIFY_STEPS)
+        root = inverse_root_from_eigh(state[eigenvalues_key(d)] / correction, basis, p, group["epsilon"])
+        ok = torch.isfinite(root).flatten(1).all(1)
         state[_root_key(d)] = torch.where(ok[:, None, None], root, state[_root_key(d)])
         return ok
 
