@@ -19,22 +19,19 @@ import torch
 from torch import nn
 
 from conditioner import EigenvalueCorrectedShampoo
-from conditioner.app.bench.presets import PRESETS
+from conditioner.app.bench.presets import PRESETS, Preset
 from conditioner.app.bench.runner import initial_model, prepare_data
-from conditioner.app.data import load_dataset
+from conditioner.app.data import Dataset, load_dataset
 
 
 def largest_changes(
-    preset_name: str, frequency: int, steps: int, interval: int, transport: str
+    preset: Preset, data: Dataset, frequency: int, steps: int, interval: int, transport: str
 ) -> list[tuple[float, float]]:
-    """(training loss, largest parameter change) of each step."""
-    preset = PRESETS[preset_name]
-    data = prepare_data(load_dataset(preset.dataset), preset)
+    """(training loss, largest parameter change) of each step, at the preset's ECS rate."""
     model = initial_model(preset, data, 0)
-    lr = preset.settings.get("ecshampoo", {}).get("lr", 3e-3)
     opt = EigenvalueCorrectedShampoo(
         model.parameters(),
-        lr=lr,
+        lr=preset.settings["ecshampoo"]["lr"],
         statistics_interval=interval,
         precondition_frequency=frequency,
         eigenvalue_transport=transport,
@@ -61,9 +58,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=13)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    preset = PRESETS[args.preset]
+    data = prepare_data(load_dataset(preset.dataset), preset)
     for interval in (1, 10):
         for transport in ("keep", "rotate"):
-            rows = largest_changes(args.preset, args.frequency, args.steps, interval, transport)
+            rows = largest_changes(preset, data, args.frequency, args.steps, interval, transport)
             print(f"statistics_interval={interval} eigenvalue_transport={transport}")
             for step, (loss, change) in enumerate(rows, start=1):
                 print(f"  step {step:3d}  loss {loss:12.4g}  largest change {change:10.3g}")
